@@ -434,6 +434,7 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
         (directory / "settings.json").write_text(json.dumps(settings, indent=1, sort_keys=True))
         if (directory / "done").exists():
             job.result, job.stage = DissectionResult.load(directory), "done"
+            job.result.meta["result_dir"] = str(directory)   # the folder may have moved
         jobs.append(job)
 
     pipeline = _Pipeline(model, jobs, dataset, dev, device, size, mean, std, batch_size,
@@ -578,6 +579,7 @@ class _Pipeline:
         t = time.perf_counter()
         K, h, w = job.shape
         layer_meta = dict(meta, layer=job.layer.name, units=K, map_shape=[h, w],
+                          result_dir=str(job.dir),
                           settings=job.settings, settings_hash=job.dir.name,
                           rank_error_bound=job.extra.get("rank_error_bound"),
                           timings=dict(self.timer.seconds))
