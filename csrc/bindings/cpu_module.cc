@@ -1,0 +1,113 @@
+// _C: the CPU backend. Arrays arrive as raw addresses + shapes + strides that the
+// Python layer read from numpy / torch (no libtorch link, one build for every
+// torch version); all checks of shapes and dtypes happen in Python before this.
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "ndf/quantile.h"
+#include "ndf/tally.h"
+
+namespace py = pybind11;
+using namespace ndf;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+ActivationView activation_view(uintptr_t data, int dtype, int64_t batch, int64_t units, int64_t map_size,
+                               int64_t stride_batch, int64_t stride_unit) {
+  ActivationView v;
+  v.data = ptr<const void>(data);
+  v.dtype = DType(dtype);
+  v.batch = batch;
+  v.units = units;
+  v.map_size = map_size;
+  v.stride_batch = stride_batch;
+  v.stride_unit = stride_unit;
+  return v;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "netdissect_fast CPU kernels (C++17 + OpenMP)";
+  m.def("isa", &cpu_isa_name, "SIMD variant chosen at run time");
+  m.def("max_threads", []() { return omp_get_max_threads(); });
+
+  py::class_<TailQuantileCPU>(m, "TailQuantile")
+      .def(py::init<int64_t, int64_t>(), py::arg("units"), py::arg("keep"))
+      .def_property_readonly("units", &TailQuantileCPU::units)
+      .def_property_readonly("keep", &TailQuantileCPU::keep)
+      .def(
+          "update",
+          [](TailQuantileCPU& self, uintptr_t data, int dtype, int64_t batch, int64_t units,
+             int64_t map_size, int64_t stride_batch, int64_t stride_unit, uintptr_t maxima, int threads) {
+            BadValue bad;
+            {
+              py::gil_scoped_release release;
+              bad = self.update(activation_view(data, dtype, batch, units, map_size, stride_batch, stride_unit),
+                                ptr<float>(maxima), threads);
+            }
+            return py::make_tuple(bad.unit, bad.batch_index, bad.position);
+          })
+      .def("insert",
+           [](TailQuantileCPU& self, int64_t unit, uintptr_t values, int64_t count) {
+             py::gil_scoped_release release;
+             self.insert(unit, ptr<const float>(values), count);
+           })
+      .def("order_statistic",
+           [](TailQuantileCPU& self, int64_t rank, uintptr_t out, int threads) {
+             py::gil_scoped_release release;
+             self.order_statistic(rank, ptr<float>(out), threads);
+           })
+      .def("kept", &TailQuantileCPU::kept)
+      .def("tail", [](TailQuantileCPU& self, int64_t unit) {
+        std::vector<float> v = self.sorted_tail(unit);
+        py::array_t<float> out(py::ssize_t(v.size()));
+        std::copy(v.begin(), v.end(), out.mutable_data());
+        return out;
+      });
+
+  m.def(
+      "tally",
+      [](uintptr_t data, int dtype, int64_t batch, int64_t units, int64_t map_h, int64_t map_w,
+         int64_t stride_batch, int64_t stride_unit, uintptr_t thresholds, py::tuple labels, int64_t seg_h,
+         int64_t seg_w, uintptr_t primary_category, int64_t num_labels, int num_categories, int rule,
+         int upsample, py::tuple rf, uintptr_t intersection, uintptr_t cat_activation, uintptr_t label_pixels,
+         int threads) {
+        LabelBatchView lb;
+        lb.pixel_sets = ptr<const uint16_t>(labels[0].cast<uintptr_t>());
+        lb.set_start = ptr<const int64_t>(labels[1].cast<uintptr_t>());
+        lb.set_label_start = ptr<const int64_t>(labels[2].cast<uintptr_t>());
+        lb.set_labels = ptr<const int32_t>(labels[3].cast<uintptr_t>());
+        lb.set_pixels = ptr<const int64_t>(labels[4].cast<uintptr_t>());
+        lb.image_label_start = ptr<const int64_t>(labels[5].cast<uintptr_t>());
+        lb.image_labels = ptr<const int32_t>(labels[6].cast<uintptr_t>());
+        lb.batch = batch;
+        lb.seg_h = seg_h;
+        lb.seg_w = seg_w;
+        LabelSpace space{num_labels, num_categories, ptr<const int16_t>(primary_category)};
+        TallyConfig cfg;
+        cfg.rule = Rule(rule);
+        cfg.upsample.mode = Upsample(upsample);
+        cfg.upsample.stride_y = rf[0].cast<float>();
+        cfg.upsample.stride_x = rf[1].cast<float>();
+        cfg.upsample.offset_y = rf[2].cast<float>();
+        cfg.upsample.offset_x = rf[3].cast<float>();
+        cfg.map_h = map_h;
+        cfg.map_w = map_w;
+        TallyCounts out{ptr<int64_t>(intersection), ptr<int64_t>(cat_activation), ptr<int64_t>(label_pixels)};
+        const ActivationView a =
+            activation_view(data, dtype, batch, units, map_h * map_w, stride_batch, stride_unit);
+        TallyStatus st;
+        {
+          py::gil_scoped_release release;
+          st = tally_cpu(a, ptr<const float>(thresholds), lb, space, cfg, out, threads);
+        }
+        return py::make_tuple(st.code, st.image, st.unit, st.value);
+      });
+}

@@ -1,0 +1,109 @@
+// Runtime choice of the SIMD variant: one binary runs on any x86-64 and uses
+// AVX-512 or AVX2 where the CPU has them.
+#include <cmath>
+#include <limits>
+#include "ndf/quantile.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define NDF_X86 1
+#endif
+
+namespace ndf {
+namespace {
+
+bool max_scan_scalar(const float* v, int64_t n, float* max_out, float* min_out) {
+  float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
+  float poison = 0.0f;  // becomes NaN if any value is NaN or +-inf
+  for (int64_t i = 0; i < n; ++i) {
+    mx = v[i] > mx ? v[i] : mx;
+    mn = v[i] < mn ? v[i] : mn;
+    poison += v[i] * 0.0f;
+  }
+  *max_out = mx;
+  *min_out = mn;
+  return poison == 0.0f;
+}
+
+#ifdef NDF_X86
+__attribute__((target("avx2,fma"))) bool max_scan_avx2(const float* v, int64_t n, float* max_out, float* min_out) {
+  __m256 mx = _mm256_set1_ps(-INFINITY), mn = _mm256_set1_ps(INFINITY), poison = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_loadu_ps(v + i);
+    mx = _mm256_max_ps(mx, x);
+    mn = _mm256_min_ps(mn, x);
+    poison = _mm256_fmadd_ps(x, zero, poison);
+  }
+  alignas(32) float m8[8], n8[8], p8[8];
+  _mm256_store_ps(m8, mx);
+  _mm256_store_ps(n8, mn);
+  _mm256_store_ps(p8, poison);
+  float m = m8[0], lo = n8[0], p = 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    m = m8[j] > m ? m8[j] : m;
+    lo = n8[j] < lo ? n8[j] : lo;
+    p += p8[j];
+  }
+  for (; i < n; ++i) {
+    m = v[i] > m ? v[i] : m;
+    lo = v[i] < lo ? v[i] : lo;
+    p += v[i] * 0.0f;
+  }
+  *max_out = m;
+  *min_out = lo;
+  return p == 0.0f;
+}
+
+__attribute__((target("avx512f"))) bool max_scan_avx512(const float* v, int64_t n, float* max_out, float* min_out) {
+  __m512 mx = _mm512_set1_ps(-INFINITY), mn = _mm512_set1_ps(INFINITY), poison = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 x = _mm512_loadu_ps(v + i);
+    mx = _mm512_max_ps(mx, x);
+    mn = _mm512_min_ps(mn, x);
+    poison = _mm512_fmadd_ps(x, zero, poison);
+  }
+  if (i < n) {  // masked tail: lanes past n read nothing
+    __mmask16 k = __mmask16((1u << (n - i)) - 1u);
+    __m512 x = _mm512_maskz_loadu_ps(k, v + i);
+    mx = _mm512_mask_max_ps(mx, k, mx, x);
+    mn = _mm512_mask_min_ps(mn, k, mn, x);
+    poison = _mm512_fmadd_ps(x, zero, poison);
+  }
+  *max_out = _mm512_reduce_max_ps(mx);
+  *min_out = _mm512_reduce_min_ps(mn);
+  return _mm512_reduce_add_ps(poison) == 0.0f;
+}
+#endif
+
+struct Dispatch {
+  MaxScanFn scan = max_scan_scalar;
+  const char* name = "baseline";
+  Dispatch() {
+#ifdef NDF_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) {
+      scan = max_scan_avx512;
+      name = "avx512";
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      scan = max_scan_avx2;
+      name = "avx2";
+    }
+#endif
+  }
+};
+
+const Dispatch& dispatch() {
+  static const Dispatch d;
+  return d;
+}
+
+}  // namespace
+
+MaxScanFn max_scan_kernel() { return dispatch().scan; }
+const char* cpu_isa_name() { return dispatch().name; }
+
+}  // namespace ndf

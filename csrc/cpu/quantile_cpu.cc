@@ -1,0 +1,135 @@
+// CPU backend of the exact tail: units are split among OpenMP threads, so each
+// unit's buffer has one writer and results do not depend on the thread count.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "ndf/quantile.h"
+
+namespace ndf {
+
+TailQuantileCPU::TailQuantileCPU(int64_t units, int64_t keep)
+    : units_(units), keep_(keep), capacity_(keep + std::max<int64_t>(keep / 2, 64)) {
+  values_.resize(size_t(units_ * capacity_));
+  count_.assign(size_t(units_), 0);
+  bound_.assign(size_t(units_), -std::numeric_limits<float>::infinity());
+}
+
+void TailQuantileCPU::compact(int64_t unit) {
+  float* v = values_.data() + unit * capacity_;
+  int64_t& c = count_[unit];
+  if (c <= keep_) return;
+  std::nth_element(v, v + (keep_ - 1), v + c, std::greater<float>());
+  c = keep_;
+  // Everything kept is >= v[keep-1]; a later value equal to it cannot change the
+  // multiset of the `keep` largest, so strict '>' filtering stays exact.
+  bound_[unit] = v[keep_ - 1];
+}
+
+void TailQuantileCPU::offer(int64_t unit, const float* v, int64_t n) {
+  float* buf = values_.data() + unit * capacity_;
+  int64_t& c = count_[unit];
+  for (int64_t i = 0; i < n; ++i) {
+    if (v[i] > bound_[unit]) {
+      if (c == capacity_) compact(unit);
+      if (v[i] > bound_[unit]) buf[c++] = v[i];
+    }
+  }
+}
+
+void TailQuantileCPU::insert(int64_t unit, const float* values, int64_t count) {
+  offer(unit, values, count);
+}
+
+namespace {
+
+template <DType D>
+const float* map_as_float(const void* base, int64_t offset, int64_t n, float* scratch) {
+  using T = typename Elem<D>::T;
+  const T* p = static_cast<const T*>(base) + offset;
+  if constexpr (D == DType::F32) {
+    return p;
+  } else {
+    for (int64_t i = 0; i < n; ++i) scratch[i] = Elem<D>::load(p, i);
+    return scratch;
+  }
+}
+
+template <DType D>
+BadValue scan_batch(TailQuantileCPU& self, const ActivationView& a, float* maxima, int threads) {
+  const MaxScanFn scan = max_scan_kernel();
+  const int64_t K = a.units, B = a.batch, n = a.map_size;
+  std::vector<BadValue> bad(size_t(std::max(threads, 1)));
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
+    std::vector<float> scratch(static_cast<size_t>(n));
+    BadValue& my_bad = bad[size_t(t)];
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const float* v = map_as_float<D>(a.data, b * a.stride_batch + k * a.stride_unit, n,
+                                         scratch.data());
+        float mx, mn;
+        if (!scan(v, n, &mx, &mn)) {
+          if (my_bad.unit < 0 || b < my_bad.batch_index) {
+            int64_t pos = 0;
+            while (pos < n && std::isfinite(v[pos])) ++pos;
+            my_bad = BadValue{k, b, pos};
+          }
+          continue;
+        }
+        if (maxima) maxima[b * K + k] = mx;
+        if (mx > self.bound(k)) self.offer(k, v, n);
+      }
+    }
+  }
+  BadValue first;
+  for (const BadValue& x : bad)
+    if (x.unit >= 0 && (first.unit < 0 || x.batch_index < first.batch_index ||
+                        (x.batch_index == first.batch_index && x.unit < first.unit)))
+      first = x;
+  return first;
+}
+
+}  // namespace
+
+BadValue TailQuantileCPU::update(const ActivationView& view, float* maxima, int threads) {
+  switch (view.dtype) {
+    case DType::F32:
+      return scan_batch<DType::F32>(*this, view, maxima, threads);
+    case DType::F16:
+      return scan_batch<DType::F16>(*this, view, maxima, threads);
+    case DType::BF16:
+      return scan_batch<DType::BF16>(*this, view, maxima, threads);
+  }
+  return BadValue{};
+}
+
+std::vector<float> TailQuantileCPU::sorted_tail(int64_t unit) {
+  const float* v = values_.data() + unit * capacity_;
+  std::vector<float> out(v, v + count_[unit]);
+  std::sort(out.begin(), out.end(), std::greater<float>());
+  if (int64_t(out.size()) > keep_) out.resize(size_t(keep_));
+  return out;
+}
+
+void TailQuantileCPU::order_statistic(int64_t rank, float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 8)
+  for (int64_t k = 0; k < units_; ++k) {
+    float* v = values_.data() + k * capacity_;
+    const int64_t c = count_[k];
+    if (rank < 0 || rank >= c || rank >= keep_) {
+      out[k] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    std::nth_element(v, v + rank, v + c, std::greater<float>());
+    out[k] = v[rank];
+  }
+}
+
+}  // namespace ndf

@@ -1,0 +1,289 @@
+// CPU backend of the fused tally. Units are split among OpenMP threads (each
+// unit's rows of I and A have one writer), images are visited in order, so the
+// counts are the same for every thread count, batch size and batch order.
+//
+// Per (image, unit): the map's maximum decides whether any pixel can exceed the
+// threshold; if so, only cells whose corners can exceed it are upsampled, a row
+// segment at a time, and the mask is walked as runs against runs of equal label
+// sets, so the cost grows with the runs, not the pixels.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ndf/quantile.h"
+#include "ndf/tally.h"
+
+namespace ndf {
+namespace {
+
+#define NDF_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+
+// One source row interpolated along x for every output column.
+NDF_CLONES void interp_row(const float* row, const int32_t* x0, const int32_t* x1, const float* wx0,
+                           const float* wx1, int64_t sw, float* out) {
+  for (int64_t px = 0; px < sw; ++px) out[px] = fmaf(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
+}
+
+// mask[px] = (output pixel value > T) for px in [xa, xb), same arithmetic as lerp_y.
+NDF_CLONES void threshold_row(const float* top, const float* bot, float wy0, float wy1, float T,
+                              int64_t xa, int64_t xb, uint8_t* mask) {
+  for (int64_t px = xa; px < xb; ++px) mask[px] = fmaf(wy0, top[px], wy1 * bot[px]) > T;
+}
+
+struct BatchLabels {
+  std::vector<uint32_t> set_categories;          // per global set
+  std::vector<uint32_t> image_categories;        // per image: categories of all its labels
+  std::vector<uint32_t> image_level_categories;  // per image: of its image-level labels
+  std::vector<uint16_t> run_end;                 // per pixel: end column of its run of equal sets
+  int64_t max_sets = 0;
+};
+
+TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& space, int threads,
+                           BatchLabels& out) {
+  const int64_t B = lb.batch, sh = lb.seg_h, sw = lb.seg_w, S = lb.set_start[B];
+  out.set_categories.assign(size_t(S), 0);
+  out.image_categories.assign(size_t(B), 0);
+  out.image_level_categories.assign(size_t(B), 0);
+  out.run_end.resize(size_t(B * sh * sw));
+  std::vector<TallyStatus> status(static_cast<size_t>(B));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t b = 0; b < B; ++b) {
+    TallyStatus& st = status[size_t(b)];
+    uint32_t cats = 0, level = 0;
+    const int64_t s0 = lb.set_start[b], s1 = lb.set_start[b + 1];
+    for (int64_t s = s0; s < s1; ++s) {
+      uint32_t m = 0;
+      for (int64_t j = lb.set_label_start[s]; j < lb.set_label_start[s + 1]; ++j) {
+        const int32_t l = lb.set_labels[j];
+        if (l < 1 || l >= space.num_labels) {
+          st = TallyStatus{TallyStatus::BadLabel, b, -1, l};
+          break;
+        }
+        m |= category_bit(space.primary_category, l);
+      }
+      out.set_categories[size_t(s)] = m;
+      if (lb.set_pixels[s] > 0) cats |= m;
+    }
+    for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) {
+      const int32_t l = lb.image_labels[j];
+      if (l < 1 || l >= space.num_labels) {
+        st = TallyStatus{TallyStatus::BadImageLabel, b, -1, l};
+        break;
+      }
+      level |= category_bit(space.primary_category, l);
+    }
+    out.image_categories[size_t(b)] = cats | level;
+    out.image_level_categories[size_t(b)] = level;
+    const int64_t nsets = s1 - s0;
+    const uint16_t* ps = lb.pixel_sets + b * sh * sw;
+    uint16_t* re = out.run_end.data() + b * sh * sw;
+    for (int64_t y = 0; y < sh; ++y) {
+      const uint16_t* row = ps + y * sw;
+      uint16_t* rend = re + y * sw;
+      uint16_t end = uint16_t(sw);
+      for (int64_t x = sw - 1; x >= 0; --x) {
+        if (row[x] >= nsets && st.code == TallyStatus::Ok) st = TallyStatus{TallyStatus::BadSetId, b, -1, row[x]};
+        if (x + 1 < sw && row[x + 1] != row[x]) end = uint16_t(x + 1);
+        rend[x] = end;
+      }
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    if (status[size_t(b)].code != TallyStatus::Ok) return status[size_t(b)];
+    out.max_sets = std::max(out.max_sets, lb.set_start[b + 1] - lb.set_start[b]);
+  }
+  return TallyStatus{};
+}
+
+struct Geometry {
+  int64_t mh, mw, sh, sw;
+  std::vector<AxisWeight> yw;
+  std::vector<Span> yspans, xspans;
+  std::vector<int32_t> x0, x1;
+  std::vector<float> wx0, wx1;
+};
+
+struct Scratch {
+  std::vector<float> map, hrows;
+  std::vector<uint8_t> hdone, mask;
+  std::vector<int64_t> cnt;
+  std::vector<int32_t> touched;
+  Scratch(const Geometry& g, int64_t max_sets)
+      : map(size_t(g.mh * g.mw)), hrows(size_t(g.mh * g.sw)), hdone(size_t(g.mh)),
+        mask(size_t(g.sw)), cnt(size_t(max_sets), 0) {
+    touched.reserve(size_t(max_sets));
+  }
+};
+
+template <DType D>
+const float* load_map(const ActivationView& a, int64_t b, int64_t k, float* scratch) {
+  using T = typename Elem<D>::T;
+  const T* p = static_cast<const T*>(a.data) + b * a.stride_batch + k * a.stride_unit;
+  if constexpr (D == DType::F32) {
+    return p;
+  } else {
+    for (int64_t i = 0; i < a.map_size; ++i) scratch[i] = Elem<D>::load(p, i);
+    return scratch;
+  }
+}
+
+// Counts one unit over the whole batch. Returns false (and sets `bad`) on a
+// non-finite activation.
+template <DType D>
+bool tally_unit(int64_t k, const ActivationView& a, float T, const LabelBatchView& lb,
+                const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule,
+                TallyCounts out, Scratch& sc, TallyStatus& bad) {
+  const MaxScanFn scan = max_scan_kernel();
+  const int64_t L = space.num_labels, C = space.num_categories, sw = g.sw;
+  int64_t* Ik = out.intersection + k * L;
+  int64_t* Ak = out.cat_activation + k * C;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const float* m = load_map<D>(a, b, k, sc.map.data());
+    float mx, mn;
+    if (!scan(m, a.map_size, &mx, &mn)) {
+      bad = TallyStatus{TallyStatus::NonFinite, b, k, 0};
+      return false;
+    }
+    if (interp_upper_bound(mx, std::max(mx, -mn)) <= T) continue;  // no pixel can exceed T
+
+    std::fill(sc.hdone.begin(), sc.hdone.end(), uint8_t(0));
+    const uint16_t* ps = lb.pixel_sets + b * g.sh * sw;
+    const uint16_t* re = info.run_end.data() + b * g.sh * sw;
+    int64_t M = 0;
+    for (const Span& ys : g.yspans) {
+      const float* r0 = m + int64_t(ys.i0) * g.mw;
+      const float* r1 = m + int64_t(ys.i1) * g.mw;
+      int64_t xa = -1, xb = -1;
+      for (const Span& xs : g.xspans) {
+        const float c00 = r0[xs.i0], c01 = r0[xs.i1], c10 = r1[xs.i0], c11 = r1[xs.i1];
+        const float cmax = std::max(std::max(c00, c01), std::max(c10, c11));
+        const float cmin = std::min(std::min(c00, c01), std::min(c10, c11));
+        if (interp_upper_bound(cmax, std::max(cmax, -cmin)) > T) {
+          if (xa < 0) xa = xs.start;
+          xb = xs.end;
+        }
+      }
+      if (xa < 0) continue;
+      for (int32_t src : {ys.i0, ys.i1}) {
+        if (!sc.hdone[size_t(src)]) {
+          interp_row(m + int64_t(src) * g.mw, g.x0.data(), g.x1.data(), g.wx0.data(), g.wx1.data(), sw,
+                     sc.hrows.data() + int64_t(src) * sw);
+          sc.hdone[size_t(src)] = 1;
+        }
+      }
+      const float* top = sc.hrows.data() + int64_t(ys.i0) * sw;
+      const float* bot = sc.hrows.data() + int64_t(ys.i1) * sw;
+      uint8_t* mask = sc.mask.data();
+      for (int32_t py = ys.start; py < ys.end; ++py) {
+        threshold_row(top, bot, g.yw[size_t(py)].w0, g.yw[size_t(py)].w1, T, xa, xb, mask);
+        const uint16_t* prow = ps + int64_t(py) * sw;
+        const uint16_t* rrow = re + int64_t(py) * sw;
+        int64_t p = xa;
+        while (p < xb) {
+          if (!mask[p]) {
+            ++p;
+            continue;
+          }
+          int64_t q = p + 1;
+          while (q < xb && mask[q]) ++q;
+          M += q - p;
+          while (p < q) {  // split the mask run at label-set boundaries
+            const int64_t r = std::min<int64_t>(rrow[p], q);
+            const uint16_t s = prow[p];
+            if (sc.cnt[s] == 0) sc.touched.push_back(s);
+            sc.cnt[s] += r - p;
+            p = r;
+          }
+        }
+      }
+    }
+    if (M == 0) continue;
+    uint32_t overlap = 0;
+    const int64_t s0 = lb.set_start[b];
+    for (int32_t s : sc.touched) {
+      const int64_t c = sc.cnt[size_t(s)];
+      sc.cnt[size_t(s)] = 0;
+      const int64_t gs = s0 + s;
+      overlap |= info.set_categories[size_t(gs)];
+      for (int64_t j = lb.set_label_start[gs]; j < lb.set_label_start[gs + 1]; ++j) Ik[lb.set_labels[j]] += c;
+    }
+    sc.touched.clear();
+    for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) Ik[lb.image_labels[j]] += M;
+    uint32_t cats = counted_categories(rule, info.image_categories[size_t(b)], overlap,
+                                       info.image_level_categories[size_t(b)]);
+    for (int32_t c = 0; cats; ++c, cats >>= 1)
+      if (cats & 1u) Ak[c] += M;
+  }
+  return true;
+}
+
+template <DType D>
+TallyStatus run_tally(const ActivationView& a, const float* thresholds, const LabelBatchView& lb,
+                      const LabelSpace& space, const TallyConfig& cfg, TallyCounts out, int threads) {
+  Geometry g;
+  g.mh = cfg.map_h;
+  g.mw = cfg.map_w;
+  g.sh = lb.seg_h;
+  g.sw = lb.seg_w;
+  g.yw = axis_weights(cfg.upsample, true, g.mh, g.sh);
+  const std::vector<AxisWeight> xw = axis_weights(cfg.upsample, false, g.mw, g.sw);
+  g.yspans = cell_spans(g.yw);
+  g.xspans = cell_spans(xw);
+  for (const AxisWeight& w : xw) {
+    g.x0.push_back(w.i0);
+    g.x1.push_back(w.i1);
+    g.wx0.push_back(w.w0);
+    g.wx1.push_back(w.w1);
+  }
+  BatchLabels info;
+  TallyStatus st = prepare_labels(lb, space, threads, info);
+  if (st.code != TallyStatus::Ok) return st;
+
+  const int64_t K = a.units;
+  std::vector<TallyStatus> bad(size_t(std::max(threads, 1)));
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch sc(g, std::max<int64_t>(info.max_sets, 1));
+    TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t k = 0; k < K; ++k) {
+      TallyStatus b;
+      if (!tally_unit<D>(k, a, thresholds[k], lb, space, info, g, cfg.rule, out, sc, b)) {
+        if (my_bad.code == TallyStatus::Ok || b.image < my_bad.image ||
+            (b.image == my_bad.image && b.unit < my_bad.unit))
+          my_bad = b;
+      }
+    }
+  }
+  for (const TallyStatus& b : bad)
+    if (b.code != TallyStatus::Ok &&
+        (st.code == TallyStatus::Ok || b.image < st.image || (b.image == st.image && b.unit < st.unit)))
+      st = b;
+  if (st.code != TallyStatus::Ok) return st;
+
+  const int64_t area = lb.seg_h * lb.seg_w;
+  for (int64_t b = 0; b < lb.batch; ++b) {
+    for (int64_t s = lb.set_start[b]; s < lb.set_start[b + 1]; ++s)
+      for (int64_t j = lb.set_label_start[s]; j < lb.set_label_start[s + 1]; ++j)
+        out.label_pixels[lb.set_labels[j]] += lb.set_pixels[s];
+    for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j)
+      out.label_pixels[lb.image_labels[j]] += area;
+  }
+  return st;
+}
+
+}  // namespace
+
+TallyStatus tally_cpu(const ActivationView& acts, const float* thresholds, const LabelBatchView& labels,
+                      const LabelSpace& space, const TallyConfig& cfg, TallyCounts out, int threads) {
+  switch (acts.dtype) {
+    case DType::F32: return run_tally<DType::F32>(acts, thresholds, labels, space, cfg, out, threads);
+    case DType::F16: return run_tally<DType::F16>(acts, thresholds, labels, space, cfg, out, threads);
+    case DType::BF16: return run_tally<DType::BF16>(acts, thresholds, labels, space, cfg, out, threads);
+  }
+  return TallyStatus{};
+}
+
+}  // namespace ndf

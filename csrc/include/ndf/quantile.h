@@ -1,0 +1,53 @@
+// Streaming per-unit tail of the largest values: the state behind exact
+// thresholds (SPEC §1.1). Each unit keeps its `keep` largest values seen so far;
+// a running lower bound (the smallest kept value once the buffer has been full)
+// lets a vector compare reject almost every value without touching the buffer.
+#pragma once
+#include <cstdint>
+#include <vector>
+#include "ndf/common.h"
+
+namespace ndf {
+
+class TailQuantileCPU {
+ public:
+  TailQuantileCPU(int64_t units, int64_t keep);
+
+  int64_t units() const { return units_; }
+  int64_t keep() const { return keep_; }
+
+  // Scans a batch. Writes per-(image, unit) maxima to `maxima` (B*K floats,
+  // row-major) when not null. Returns the first non-finite value's location
+  // (unit == -1 when all values are finite); the state is unchanged then.
+  BadValue update(const ActivationView& view, float* maxima, int threads);
+
+  // Adds `count` values to unit k's tail (merging shards, restoring state).
+  void insert(int64_t unit, const float* values, int64_t count);
+
+  // The kept values of unit k, largest first (at most keep()).
+  std::vector<float> sorted_tail(int64_t unit);
+  // The rank-th largest value (0-based) of every unit (K floats), NaN where the
+  // tail holds fewer than rank+1 values.
+  void order_statistic(int64_t rank, float* out, int threads);
+  int64_t kept(int64_t unit) const { return count_[unit]; }
+
+  // Offers n values of one unit: those above the unit's bound enter its tail.
+  void offer(int64_t unit, const float* v, int64_t n);
+  float bound(int64_t unit) const { return bound_[unit]; }
+
+ private:
+  void compact(int64_t unit);
+
+  int64_t units_, keep_, capacity_;
+  std::vector<float> values_;   // units_ * capacity_
+  std::vector<int64_t> count_;  // values held per unit
+  std::vector<float> bound_;    // values <= bound_ can never enter the tail
+};
+
+// Maximum, minimum and finiteness of n floats (runtime-dispatched SIMD).
+// Returns false if any value is NaN or infinite.
+using MaxScanFn = bool (*)(const float* v, int64_t n, float* max_out, float* min_out);
+MaxScanFn max_scan_kernel();
+const char* cpu_isa_name();  // "avx512", "avx2" or "baseline"
+
+}  // namespace ndf
