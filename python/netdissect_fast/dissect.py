@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _backend
+
 __all__ = ["dissect", "iter_activations", "resolve_layers", "OUTPUT"]
 
 OUTPUT = "@output"           # layer name of the model's own return value ("@output.0", "@output.key")
@@ -336,7 +338,7 @@ class _Job:
                  "tally": self.tally.state_dict() if self.tally is not None else None}
         _atomic_write(self.checkpoint_path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
-    def load_checkpoint(self, dataset) -> None:
+    def load_checkpoint(self, dataset, kernels: str) -> None:
         """Restore from checkpoint.pkl when it belongs to these settings; else start over."""
         from .quantile import QuantileSketch
         from .tally import Tally
@@ -355,9 +357,9 @@ class _Job:
         self.top = TopImages.from_state(state["top"]) if state["top"] is not None else None
         self.thresholds = state["thresholds"]
         if state["sketch"] is not None:
-            self.sketch = QuantileSketch.from_bytes(state["sketch"])
+            self.sketch = QuantileSketch.from_bytes(state["sketch"], device=kernels)
         if state["tally"] is not None:
-            self.tally = Tally.from_state(state["tally"], dataset)
+            self.tally = Tally.from_state(state["tally"], dataset, device=kernels)
 
     def reset(self) -> None:
         self.close_cache()
@@ -437,7 +439,7 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
             job.result.meta["result_dir"] = str(directory)   # the folder may have moved
         jobs.append(job)
 
-    pipeline = _Pipeline(model, jobs, dataset, dev, device, size, mean, std, batch_size,
+    pipeline = _Pipeline(model, jobs, dataset, dev, size, mean, std, batch_size,
                          cache == "auto", values, checkpoint_every, workers, progress, keep_cache)
     was_training = model.training
     model.eval().to(dev)
@@ -452,14 +454,16 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
 
 
 class _Pipeline:
-    def __init__(self, model, jobs, dataset, dev, device, size, mean, std, batch_size,
+    def __init__(self, model, jobs, dataset, dev, size, mean, std, batch_size,
                  use_cache, values, checkpoint_every, workers, progress, keep_cache):
-        self.model, self.jobs, self.dataset, self.dev, self.device = model, jobs, dataset, dev, device
+        self.model, self.jobs, self.dataset, self.dev = model, jobs, dataset, dev
         self.size, self.mean, self.std, self.batch_size = size, mean, std, batch_size
         self.use_cache, self.checkpoint_every, self.workers = use_cache, checkpoint_every, workers
         self.dtype = torch.float16 if values == "float16" else torch.float32
         self.progress, self.keep_cache = progress, keep_cache
         self.N = len(dataset)
+        # The C++/CUDA kernels run on CUDA only next to a CUDA model and a CUDA build.
+        self.kernels = "cuda" if dev.type == "cuda" and _backend.cuda_usable() else "cpu"
         self.timer = _Timer(dev)
         self.batches = 0
         fail = os.environ.get(_FAIL_ENV)
@@ -469,7 +473,7 @@ class _Pipeline:
     def run(self, meta: dict) -> None:
         todo = [j for j in self.jobs if j.stage != "done"]
         for job in todo:
-            job.load_checkpoint(self.dataset)
+            job.load_checkpoint(self.dataset, self.kernels)
             if self.use_cache:
                 self._open_cache(job)
         pass1 = [j for j in todo if j.stage == "pass1"]
@@ -524,6 +528,7 @@ class _Pipeline:
                     if stage == "pass1":
                         self._feed_pass1(job, act, c, b)
                     else:
+                        act = act if self.kernels == "cuda" else act.cpu()
                         self._feed_tally(job, act.to(self.dtype), c, b)
                 bar.update(b - a)
                 self._tick(jobs)
@@ -535,7 +540,7 @@ class _Pipeline:
         B, K, h, w = act.shape
         if job.shape is None:
             job.shape = (K, h, w)
-            job.sketch = QuantileSketch(K, q=job.settings["q"], total=self.N * h * w, device=self.device)
+            job.sketch = QuantileSketch(K, q=job.settings["q"], total=self.N * h * w, device=self.kernels)
             job.top = TopImages(K, job.settings["top_n"], (h, w))
             if self.use_cache:
                 self._create_cache(job)
@@ -547,8 +552,9 @@ class _Pipeline:
             raise ValueError(f"layer {job.layer.name!r} has activations beyond float16's range "
                              "(65504): use cache_dtype='float32'")
         maxima = np.empty((B, K), np.float32)
-        job.sketch.update(values, maxima_out=maxima)
-        maps = values.cpu().numpy()
+        maps = values.cpu()
+        job.sketch.update(values if self.kernels == "cuda" else maps, maxima_out=maxima)
+        maps = maps.numpy()
         job.top.update(maxima, np.arange(a, b), maps)
         t = self.timer.add("quantile", t)
         if job.cache is not None and write_cache:
@@ -571,7 +577,7 @@ class _Pipeline:
         job.extra["rank_error_bound"] = getattr(job.sketch, "rank_error_bound", None)
         job.sketch = None
         job.tally = Tally(self.dataset, job.thresholds, rule=s["rule"], upsample=s["upsample"],
-                          device=self.device, top_n=s["top_n"])
+                          device=self.kernels)
         job.stage, job.p2 = "pass2", 0
         job.save_checkpoint()
 
@@ -583,9 +589,7 @@ class _Pipeline:
                           settings=job.settings, settings_hash=job.dir.name,
                           rank_error_bound=job.extra.get("rank_error_bound"),
                           timings=dict(self.timer.seconds))
-        result = job.tally.result(meta=layer_meta)
-        if getattr(result, "top", None) is None:
-            result.top = job.top
+        result = job.tally.result(meta=layer_meta, top=job.top)
         result.save(job.dir)
         _atomic_write(job.dir / "done", json.dumps({"finished": time.time()}).encode())
         job.checkpoint_path.unlink(missing_ok=True)
@@ -654,7 +658,7 @@ class _Pipeline:
         if job.sketch is None:           # no checkpoint: rebuild from row 0
             K, h, w = job.shape
             job.p1 = 0
-            job.sketch = QuantileSketch(K, q=job.settings["q"], total=self.N * h * w, device=self.device)
+            job.sketch = QuantileSketch(K, q=job.settings["q"], total=self.N * h * w, device=self.kernels)
             job.top = TopImages(K, job.settings["top_n"], (h, w))
         for a, b, arr in self._cache_batches(job, job.p1, job.extra["rows_done"]):
             self._feed_pass1(job, torch.from_numpy(arr).to(self.dev), a, b, write_cache=False)
@@ -664,7 +668,7 @@ class _Pipeline:
             return
         with self._bar(self.N, job.p2, f"pass 2: tally {job.layer.name}") as bar:
             for a, b, arr in self._cache_batches(job, job.p2, self.N):
-                values = torch.from_numpy(arr).to(self.dev) if self.dev.type == "cuda" else arr
+                values = torch.from_numpy(arr).to(self.dev) if self.kernels == "cuda" else arr
                 self._feed_tally(job, values, a, b)
                 bar.update(b - a)
                 self._tick([job])

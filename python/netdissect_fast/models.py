@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -210,7 +211,9 @@ def _torchvision(arch: str) -> nn.Module:
 
 def _torchscript(path: str) -> nn.Module:
     try:
-        return torch.jit.load(path, map_location="cpu")
+        with warnings.catch_warnings():   # deprecated in torch 2.x, still the way to read the file
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+            return torch.jit.load(path, map_location="cpu")
     except Exception as e:
         raise ValueError(f"model file {path!r} is not a TorchScript archive: {e}") from None
 
