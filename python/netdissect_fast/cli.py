@@ -54,27 +54,21 @@ def cmd_dissect(a) -> int:
                       batch_size=a.batch_size, device=a.device, cache=a.cache,
                       cache_dtype=a.cache_dtype, image_size=a.image_size, top_n=a.top_n,
                       iou_threshold=a.iou_threshold, model_name=a.model_name or name,
-                      workers=a.workers, keep_cache=a.keep_cache, progress=not a.quiet)
+                      workers=a.workers, keep_cache=a.keep_cache, report=not a.no_report,
+                      progress=not a.quiet)
     for layer, result in results.items():
-        directory = result.meta["result_dir"]
-        if not a.no_report:
-            from .report import write_report
-            write_report(directory, dataset=dataset)
-        _print_summary(layer, result, a.iou_threshold)
-        print(f"  results: {directory}")
+        print_summary(layer, result, a.iou_threshold)
+        print(f"  results: {result.meta['result_dir']}")
     return 0
 
 
-def _print_summary(layer: str, result, iou_threshold: float) -> None:
-    summary = result.summary(iou_threshold)
-    unique = summary.get("unique_detectors", {})
-    detectors = summary.get("detectors", {})
-    total = sum(int(v) for v in unique.values()) if isinstance(unique, dict) else unique
-    print(f"{layer}: {total} unique detectors "
-          + ", ".join(f"{c} {unique[c]}" for c in unique if unique[c]) if isinstance(unique, dict)
-          else f"{layer}: {unique} unique detectors")
-    if isinstance(detectors, dict) and detectors:
-        print("  detectors per category: " + ", ".join(f"{c} {n}" for c, n in detectors.items()))
+def print_summary(layer: str, result, iou_threshold: float = 0.04) -> None:
+    """Unique detectors per category, then the best detectors."""
+    s = result.summary(iou_threshold)
+    per_category = ", ".join(f"{c} {n}" for c, n in s["unique_detectors"].items() if n)
+    print(f"{layer}: {s['total_unique_detectors']} unique detectors"
+          f"{' (' + per_category + ')' if per_category else ''}, "
+          f"{s['total_detectors']} of {s['num_units']} units are detectors (IoU > {iou_threshold})")
 
 
 def cmd_make_dataset(a) -> int:

@@ -105,7 +105,6 @@ def run_demo(out="netdissect-demo", n_images: int | None = None, epochs: int = 8
     from .broden import Broden
     from .datasets import make_broden
     from .dissect import dissect
-    from .report import write_report
 
     start = time.perf_counter()
     torch.manual_seed(SEED)
@@ -134,7 +133,6 @@ def run_demo(out="netdissect-demo", n_images: int | None = None, epochs: int = 8
                       batch_size=100, device="cpu", mean=mean, std=std, progress=progress,
                       workers=0)
     for layer, result in results.items():
-        write_report(result.meta["result_dir"], dataset=dataset)
         _print_layer(layer, result)
     print(f"\nreports: " + ", ".join(str(Path(r.meta['result_dir']) / 'report.html')
                                     for r in results.values()))
@@ -143,17 +141,16 @@ def run_demo(out="netdissect-demo", n_images: int | None = None, epochs: int = 8
 
 
 def _print_layer(layer: str, result, iou_threshold: float = 0.04) -> None:
-    summary = result.summary(iou_threshold)
-    unique = summary["unique_detectors"]
-    print(f"\n{layer}: {sum(unique.values())} unique detectors  "
-          + "  ".join(f"{c}: {n}" for c, n in unique.items()))
+    from .cli import print_summary
+    print()
+    print_summary(layer, result, iou_threshold)
     rows = [r for r in result.table()
             if r["category"] == "object" and r["iou"] > iou_threshold]
     rows.sort(key=lambda r: -r["iou"])
     if not rows:
         print("  no object detectors")
     for r in rows[:10]:
-        print(f"  unit {r['unit']:4d} detects object {r['label']!r:14} IoU {r['iou']:.3f}")
+        print(f"  unit {r['unit']:4d} detects object {r['label_name']!r:14} IoU {r['iou']:.3f}")
 
 
 def _read_json(path: Path):

@@ -382,7 +382,7 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
             image_size=None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
             iou_threshold: float = 0.04, top_n: int = 10, progress: bool = True,
             model_name: str | None = None, workers: int | None = None,
-            checkpoint_every: int = 50, keep_cache: bool = False) -> dict:
+            checkpoint_every: int = 50, keep_cache: bool = False, report: bool = True) -> dict:
     """Dissect `layers` of `model` on `dataset`; returns {layer name: DissectionResult}.
 
     q: threshold quantile (default 0.995; 994/999 under rule="netdissect-lite", SPEC §3).
@@ -390,7 +390,8 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
     reads them in pass 2; "none" runs the model twice. cache_dtype: "float16" or
     "float32". image_size: int or (h, w), default the dataset's. workers: DataLoader
     decoding processes (default min(4, cores - 1)). checkpoint_every: batches between
-    checkpoints. keep_cache: keep activations.h5 after the layer is finished.
+    checkpoints. keep_cache: keep activations.h5 after the layer is finished. report:
+    also write each layer's report.html.
     The model is put in eval mode (its mode is restored afterwards) and moved to `device`.
     """
     from .result import DissectionResult
@@ -440,7 +441,8 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
         jobs.append(job)
 
     pipeline = _Pipeline(model, jobs, dataset, dev, size, mean, std, batch_size,
-                         cache == "auto", values, checkpoint_every, workers, progress, keep_cache)
+                         cache == "auto", values, checkpoint_every, workers, progress, keep_cache,
+                         dict(report=report, iou_threshold=float(iou_threshold)))
     was_training = model.training
     model.eval().to(dev)
     try:
@@ -455,12 +457,12 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
 
 class _Pipeline:
     def __init__(self, model, jobs, dataset, dev, size, mean, std, batch_size,
-                 use_cache, values, checkpoint_every, workers, progress, keep_cache):
+                 use_cache, values, checkpoint_every, workers, progress, keep_cache, save_options):
         self.model, self.jobs, self.dataset, self.dev = model, jobs, dataset, dev
         self.size, self.mean, self.std, self.batch_size = size, mean, std, batch_size
         self.use_cache, self.checkpoint_every, self.workers = use_cache, checkpoint_every, workers
         self.dtype = torch.float16 if values == "float16" else torch.float32
-        self.progress, self.keep_cache = progress, keep_cache
+        self.progress, self.keep_cache, self.save_options = progress, keep_cache, save_options
         self.N = len(dataset)
         # The C++/CUDA kernels run on CUDA only next to a CUDA model and a CUDA build.
         self.kernels = "cuda" if dev.type == "cuda" and _backend.cuda_usable() else "cpu"
@@ -590,7 +592,7 @@ class _Pipeline:
                           rank_error_bound=job.extra.get("rank_error_bound"),
                           timings=dict(self.timer.seconds))
         result = job.tally.result(meta=layer_meta, top=job.top)
-        result.save(job.dir)
+        result.save(job.dir, dataset=self.dataset, **self.save_options)
         _atomic_write(job.dir / "done", json.dumps({"finished": time.time()}).encode())
         job.checkpoint_path.unlink(missing_ok=True)
         job.close_cache()
