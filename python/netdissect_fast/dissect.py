@@ -575,7 +575,7 @@ class _Pipeline:
         if job.stage != "pass1":
             return
         s = job.settings
-        job.thresholds = np.asarray(job.sketch.thresholds(), np.float32)
+        job.thresholds = np.asarray(job.sketch.thresholds())
         job.extra["rank_error_bound"] = getattr(job.sketch, "rank_error_bound", None)
         job.sketch = None
         job.tally = Tally(self.dataset, job.thresholds, rule=s["rule"], upsample=s["upsample"],
