@@ -56,21 +56,26 @@ CATEGORIES = ["color", "object", "part", "scene"]
 
 
 def make_fake_result(folder, dataset_path, K=20, n_images=30, top_n=5, map_shape=(7, 7),
-                     seed=0, model="fakenet", layer="layer4", maps=None, thresholds=None):
+                     seed=0, model="fakenet", layer="layer4", maps=None, thresholds=None, top=None):
     """A saved result with the layout of DissectionResult.save: random activations, top
     images from TopImages, thresholds at a high quantile, random IoUs (some units above
-    0.04, some below), summary.json consistent with the arrays."""
+    0.04, some below), summary.json consistent with the arrays.
+
+    For large K, pass ``top`` (a filled TopImages) and ``thresholds`` instead of
+    making all activation maps."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    h, w = map_shape
-    if maps is None:
-        maps = rng.gamma(1.0, 1.0, size=(n_images, K, h, w)).astype(np.float32)
-    top = TopImages(K, top_n, map_shape)
-    for s in range(0, n_images, 16):
-        top.update(maps[s:s + 16].max(axis=(2, 3)), np.arange(s, min(s + 16, n_images)), maps[s:s + 16])
+    if top is None:
+        if maps is None:
+            maps = rng.gamma(1.0, 1.0, size=(n_images, K) + tuple(map_shape)).astype(np.float32)
+        top = TopImages(K, top_n, map_shape)
+        for s in range(0, n_images, 16):
+            batch = maps[s:s + 16]
+            top.update(batch.max(axis=(2, 3)), np.arange(s, s + len(batch)), batch)
     if thresholds is None:
-        thresholds = np.quantile(maps.transpose(1, 0, 2, 3).reshape(K, -1).astype(np.float64), 0.9, axis=1)
+        per_unit = maps.transpose(1, 0, 2, 3).reshape(K, -1).astype(np.float64)
+        thresholds = np.quantile(per_unit, 0.9, axis=1)
 
     label_names = ["-"] + [f"thing{i}" for i in range(1, 15)]
     L = len(label_names)
@@ -189,28 +194,31 @@ def test_mask_bright_inside_dim_outside(tmp_path):
     assert 255 * report.DIM + 20 < edge < 240
 
 
-def test_upsample_matches_torch_and_numpy_fallback(monkeypatch):
+@pytest.mark.parametrize("size", [(96, 40), (5, 3), (7, 5)])
+def test_upsample_matches_torch(size):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(3, 2, 7, 5)).astype(np.float32)
-    expected = torch.nn.functional.interpolate(torch.from_numpy(maps), size=(96, 40), mode="bilinear",
+    expected = torch.nn.functional.interpolate(torch.from_numpy(maps), size=size, mode="bilinear",
                                                align_corners=False).numpy()
-    np.testing.assert_array_equal(report._upsample(maps, (96, 40)), expected)
-    monkeypatch.setitem(sys.modules, "torch", None)              # "not installed"
-    np.testing.assert_allclose(report._upsample(maps, (96, 40)), expected, atol=1e-5)
+    np.testing.assert_allclose(report._upsample(maps, size), expected, atol=1e-5)
 
 
 def test_draw_masks_outline_and_dimming():
-    images = np.full((1, 8, 8, 3), 200, np.uint8)
+    rgb = np.full((1, 8, 8, 3), 200, np.uint8)
+    bright, dim = report._pack_rgbx(rgb), report._pack_rgbx(report._dimmed(rgb))
     masks = np.zeros((1, 8, 8), bool)
     masks[0, 2:6, 2:6] = True
-    out = report._draw_masks(images, masks)
-    assert tuple(out[0, 3, 3]) == (200, 200, 200)                # interior
-    assert tuple(out[0, 2, 3]) == report.OUTLINE_RGB             # inner edge
-    assert tuple(out[0, 1, 3]) == report.OUTLINE_RGB             # outer edge
-    assert tuple(out[0, 0, 0]) == (60, 60, 60)                   # dimmed
-    full = report._draw_masks(images, np.ones((1, 8, 8), bool))
-    assert (full == 200).all()                                   # no outline on the border
+
+    def pixel(words, y, x):
+        return tuple(words[..., None].view(np.uint8)[0, y, x, :3])
+    out = report._draw_masks(bright, dim, masks)
+    assert pixel(out, 3, 3) == (200, 200, 200)                   # interior
+    assert pixel(out, 2, 3) == report.OUTLINE_RGB                # inner edge
+    assert pixel(out, 1, 3) == report.OUTLINE_RGB                # outer edge
+    assert pixel(out, 0, 0) == (60, 60, 60)                      # dimmed: 200 * 77 >> 8
+    full = report._draw_masks(bright, dim, np.ones((1, 8, 8), bool))
+    assert (full == bright).all()                                # no outline on the border
 
 
 def test_dataset_none_opens_broden_from_meta(result, monkeypatch):

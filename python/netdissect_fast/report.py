@@ -10,7 +10,7 @@ category for several layers or models side by side.
 Speed (K = 2048 units x 10 images): every dataset image is decoded once, at thumbnail
 size, however many strips show it; masks are computed for a block of units at a time
 with array operations; blocks are composed and JPEG-encoded in a thread pool (numpy,
-PIL's codecs and torch release the GIL).
+PIL's codecs release the GIL).
 """
 from __future__ import annotations
 
@@ -139,9 +139,11 @@ def _save_svg(fig, path: Path) -> None:
 def _bar_chart(path: Path, names: list, values: list, colors: list, title: str, ylabel: str,
                rotate: bool = False) -> None:
     from matplotlib.figure import Figure
-    width = min(40.0, max(5.0, 0.22 * len(names) + 1.5))
-    fig = Figure(figsize=(width, 3.2 if not rotate else 4.0))
+    from matplotlib.ticker import MaxNLocator
+    width = min(40.0, max(4.5, 0.22 * len(names) + 1.5))
+    fig = Figure(figsize=(width, 2.8 if not rotate else 3.6))
     ax = fig.add_subplot()
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if names:
         x = np.arange(len(names))
         bars = ax.bar(x, values, color=colors)
@@ -193,40 +195,46 @@ def _bilinear_weights(src: int, dst: int) -> np.ndarray:
 
 
 def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of (..., h, w) float32 maps to (..., H, W).
+    """Bilinear upsampling of (..., h, w) maps to (..., H, W) float32, as
+    torch.nn.functional.interpolate(mode="bilinear", align_corners=False) (equal to
+    float rounding), written as two small matrix products: no torch import (a second
+    at start-up) and no competition with the thread pool for torch's threads.
 
-    torch when importable (the same function the dissection's masks are defined by,
-    SPEC §1); otherwise the equivalent separable matrices. Masks are made at thumbnail
-    size: that samples the same bilinear surface as the image-size upsampling, at the
-    pixels actually shown."""
-    H, W = size
-    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return np.einsum("Hh,...hw,Ww->...HW", _bilinear_weights(h, H), maps,
-                         _bilinear_weights(w, W), optimize=True)
-    t = torch.from_numpy(np.ascontiguousarray(maps, np.float32).reshape(-1, 1, h, w))
-    with torch.no_grad():
-        out = F.interpolate(t, size=(H, W), mode="bilinear", align_corners=False)
-    return out.numpy().reshape(lead + (H, W))
+    Masks are made at thumbnail size: that samples the same bilinear surface as the
+    image-size upsampling, at the pixels actually shown."""
+    (h, w), (H, W) = maps.shape[-2:], size
+    return (_bilinear_weights(h, H) @ np.asarray(maps, np.float32)) @ _bilinear_weights(w, W).T
 
 
-def _draw_masks(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """images (..., H, W, 3) uint8, masks (..., H, W) bool -> masked images: the region
-    at full brightness, the rest dimmed, a 2-pixel outline on the region's edge."""
+def _pack_rgbx(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 -> (...) uint32 holding R, G, B, 255 in memory order: one word per
+    pixel, so selecting whole pixels needs no broadcast over a length-3 axis (slow)."""
+    rgbx = np.empty(rgb.shape[:-1] + (4,), np.uint8)
+    rgbx[..., :3] = rgb
+    rgbx[..., 3] = 255
+    return rgbx.view(np.uint32)[..., 0]
+
+
+OUTLINE_WORD = _pack_rgbx(np.array(OUTLINE_RGB, np.uint8))[()]
+WHITE_WORD = _pack_rgbx(np.array([255, 255, 255], np.uint8))[()]
+
+
+def _dimmed(rgb: np.ndarray) -> np.ndarray:
+    """rgb (..., 3) uint8 at DIM of its brightness (integer arithmetic: fast)."""
+    return ((rgb.astype(np.uint16) * round(DIM * 256)) >> 8).astype(np.uint8)
+
+
+def _draw_masks(bright: np.ndarray, dim: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """bright, dim: (..., H, W) packed RGBX words of the same images at full and dimmed
+    brightness; masks (..., H, W) bool. Returns the region bright, the rest dimmed, and a
+    2-pixel outline on the region's edge."""
     m = masks
     # 4-neighbour dilation and erosion; edge padding so image borders draw no outline.
     p = np.pad(m, [(0, 0)] * (m.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
     up, down = p[..., :-2, 1:-1], p[..., 2:, 1:-1]
     left, right = p[..., 1:-1, :-2], p[..., 1:-1, 2:]
-    dilated = m | up | down | left | right
-    eroded = m & up & down & left & right
-    outline = dilated & ~eroded
-    out = np.where(m[..., None], images, (images * DIM).astype(np.uint8))
-    out[outline] = OUTLINE_RGB
-    return out
+    outline = (m | up | down | left | right) & ~(m & up & down & left & right)
+    return np.where(outline, OUTLINE_WORD, np.where(m, bright, dim))
 
 
 def _thumbnail(dataset, index: int, size: tuple[int, int]) -> np.ndarray:
@@ -270,12 +278,15 @@ def _render_strips(saved: _Saved, dataset, image_dir: Path, top_n: int, pool) ->
                          f"dataset ({n_images} images); was the result made on another dataset?")
     tw, th = _thumb_size(dataset)
 
-    # Decode each image once; slot 0 is the blank tile used for empty slots.
-    thumbs = np.empty((wanted.size + 1, th, tw, 3), np.uint8)
-    thumbs[0] = EMPTY_RGB
+    # Decode each image once, kept at full and dimmed brightness; slot 0 is the blank
+    # tile of empty slots (light in both).
+    bright = np.empty((wanted.size + 1, th, tw), np.uint32)
+    dim = np.empty_like(bright)
+    bright[0] = dim[0] = _pack_rgbx(np.array(EMPTY_RGB, np.uint8))
 
     def decode(j):
-        thumbs[j + 1] = _thumbnail(dataset, int(wanted[j]), (tw, th))
+        rgb = _thumbnail(dataset, int(wanted[j]), (tw, th))
+        bright[j + 1], dim[j + 1] = _pack_rgbx(rgb), _pack_rgbx(_dimmed(rgb))
     list(pool.map(decode, range(wanted.size)))
     slot = np.where(indices >= 0, np.searchsorted(wanted, indices) + 1, 0)
 
@@ -288,23 +299,24 @@ def _render_strips(saved: _Saved, dataset, image_dir: Path, top_n: int, pool) ->
 
     def render(start):
         stop = min(start + UNITS_PER_BLOCK, K)
-        tiles = thumbs[slot[start:stop]]                         # (U, n, th, tw, 3)
-        if maps is not None:
+        U, block = stop - start, slot[start:stop]
+        if maps is None:
+            tiles = bright[block]                                # (U, n, th, tw)
+        else:
             masks = _upsample(maps[start:stop], (th, tw)) > thresholds[start:stop, None, None, None]
-            masks |= (slot[start:stop] == 0)[..., None, None]    # blank tiles stay light
-            tiles = _draw_masks(tiles, masks)
-        # Side by side with a white gap: (U, n, th, tw+gap, 3) -> (U, th, n*(tw+gap), 3).
-        U = stop - start
-        padded = np.full((U, n, th, tw + STRIP_GAP, 3), 255, np.uint8)
-        padded[:, :, :, :tw] = tiles
-        strips = padded.transpose(0, 2, 1, 3, 4).reshape(U, th, n * (tw + STRIP_GAP), 3)
+            tiles = _draw_masks(bright[block], dim[block], masks)
+        # Side by side with a white gap: (U, n, th, tw+gap) -> (U, th, n*(tw+gap)).
+        padded = np.full((U, n, th, tw + STRIP_GAP), WHITE_WORD, np.uint32)
+        padded[..., :tw] = tiles
+        strips = np.ascontiguousarray(padded.transpose(0, 2, 1, 3).reshape(U, th, -1)[..., :strip_w])
         done = {}
         for u in range(U):
             k = start + u
-            if slot[k].max() == 0:
+            if block[u].max() == 0:
                 continue
             name = f"unit_{k:04d}.jpg"
-            Image.fromarray(strips[u, :, :strip_w]).save(image_dir / name, quality=JPEG_QUALITY)
+            Image.frombuffer("RGBX", (strip_w, th), strips[u], "raw", "RGBX", 0, 1).save(
+                image_dir / name, quality=JPEG_QUALITY)
             done[k] = (name, strip_w, th)
         return done
 
@@ -540,8 +552,10 @@ def write_comparison(result_dirs, out_path) -> Path:
     image_dir = out_path.with_name(out_path.stem + "_images")
     image_dir.mkdir(parents=True, exist_ok=True)
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(min(40.0, max(6.0, 0.25 * len(dirs) * max(1, len(categories)) + 2)), 4.0))
     ax = fig.add_subplot()
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     x = np.arange(len(dirs))
     width = 0.8 / max(1, len(categories))
     for j, c in enumerate(categories):
