@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ndf/quantile.h"
+#include "ndf/label_prep.h"
 #include "ndf/tally.h"
 
 namespace ndf {
@@ -30,71 +31,6 @@ NDF_CLONES void interp_row(const float* row, const int32_t* x0, const int32_t* x
 NDF_CLONES void threshold_row(const float* top, const float* bot, float wy0, float wy1, float T,
                               int64_t xa, int64_t xb, uint8_t* mask) {
   for (int64_t px = xa; px < xb; ++px) mask[px] = fmaf(wy0, top[px], wy1 * bot[px]) > T;
-}
-
-struct BatchLabels {
-  std::vector<uint32_t> set_categories;          // per global set
-  std::vector<uint32_t> image_categories;        // per image: categories of all its labels
-  std::vector<uint32_t> image_level_categories;  // per image: of its image-level labels
-  std::vector<uint16_t> run_end;                 // per pixel: end column of its run of equal sets
-  int64_t max_sets = 0;
-};
-
-TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& space, int threads,
-                           BatchLabels& out) {
-  const int64_t B = lb.batch, sh = lb.seg_h, sw = lb.seg_w, S = lb.set_start[B];
-  out.set_categories.assign(size_t(S), 0);
-  out.image_categories.assign(size_t(B), 0);
-  out.image_level_categories.assign(size_t(B), 0);
-  out.run_end.resize(size_t(B * sh * sw));
-  std::vector<TallyStatus> status(static_cast<size_t>(B));
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t b = 0; b < B; ++b) {
-    TallyStatus& st = status[size_t(b)];
-    uint32_t cats = 0, level = 0;
-    const int64_t s0 = lb.set_start[b], s1 = lb.set_start[b + 1];
-    for (int64_t s = s0; s < s1; ++s) {
-      uint32_t m = 0;
-      for (int64_t j = lb.set_label_start[s]; j < lb.set_label_start[s + 1]; ++j) {
-        const int32_t l = lb.set_labels[j];
-        if (l < 1 || l >= space.num_labels) {
-          st = TallyStatus{TallyStatus::BadLabel, b, -1, l};
-          break;
-        }
-        m |= category_bit(space.primary_category, l);
-      }
-      out.set_categories[size_t(s)] = m;
-      if (lb.set_pixels[s] > 0) cats |= m;
-    }
-    for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) {
-      const int32_t l = lb.image_labels[j];
-      if (l < 1 || l >= space.num_labels) {
-        st = TallyStatus{TallyStatus::BadImageLabel, b, -1, l};
-        break;
-      }
-      level |= category_bit(space.primary_category, l);
-    }
-    out.image_categories[size_t(b)] = cats | level;
-    out.image_level_categories[size_t(b)] = level;
-    const int64_t nsets = s1 - s0;
-    const uint16_t* ps = lb.pixel_sets + b * sh * sw;
-    uint16_t* re = out.run_end.data() + b * sh * sw;
-    for (int64_t y = 0; y < sh; ++y) {
-      const uint16_t* row = ps + y * sw;
-      uint16_t* rend = re + y * sw;
-      uint16_t end = uint16_t(sw);
-      for (int64_t x = sw - 1; x >= 0; --x) {
-        if (row[x] >= nsets && st.code == TallyStatus::Ok) st = TallyStatus{TallyStatus::BadSetId, b, -1, row[x]};
-        if (x + 1 < sw && row[x + 1] != row[x]) end = uint16_t(x + 1);
-        rend[x] = end;
-      }
-    }
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    if (status[size_t(b)].code != TallyStatus::Ok) return status[size_t(b)];
-    out.max_sets = std::max(out.max_sets, lb.set_start[b + 1] - lb.set_start[b]);
-  }
-  return TallyStatus{};
 }
 
 struct Geometry {
@@ -263,14 +199,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
       st = b;
   if (st.code != TallyStatus::Ok) return st;
 
-  const int64_t area = lb.seg_h * lb.seg_w;
-  for (int64_t b = 0; b < lb.batch; ++b) {
-    for (int64_t s = lb.set_start[b]; s < lb.set_start[b + 1]; ++s)
-      for (int64_t j = lb.set_label_start[s]; j < lb.set_label_start[s + 1]; ++j)
-        out.label_pixels[lb.set_labels[j]] += lb.set_pixels[s];
-    for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j)
-      out.label_pixels[lb.image_labels[j]] += area;
-  }
+  add_label_pixels(lb, out.label_pixels);
   return st;
 }
 

@@ -1,1 +1,2 @@
-// placeholder
+// The CUDA tally kernels, compiled as C++ for the emulated backend.
+#include "../cuda/tally_cuda.cu"

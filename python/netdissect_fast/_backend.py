@@ -83,6 +83,9 @@ def resolve_device(device: str | None) -> str:
         if not cuda_usable():
             raise RuntimeError(f"device='cuda' requested but CUDA is not usable: {backends()['cuda']['detail']}")
         return "cuda"
+    if dev == "cuda-emulated":  # test-only: the CUDA sources compiled for the CPU
+        kernels(dev)
+        return dev
     raise ValueError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'")
 
 
@@ -94,6 +97,32 @@ def kernels(device: str):
     if mod is None:
         raise RuntimeError(f"backend {device!r} is not available: {_errors.get(name)}")
     return mod
+
+
+def on_device(batch, device: str, name: str = "batch") -> "ArrayView":
+    """The view of `batch` where backend `device` reads it: CUDA tensors for 'cuda'
+    (numpy input is copied over), host memory for 'cpu' and 'cuda-emulated'."""
+    if device == "cuda":
+        if not is_torch_tensor(batch) or not batch.is_cuda:
+            import torch
+            batch = torch.as_tensor(np_or_tensor_cpu(batch), device="cuda")
+        return activation_view(batch, name)
+    v = activation_view(batch, name)
+    if v.device != "cpu":
+        raise ValueError(f"{name} is a CUDA tensor but this runs on the {device} backend; "
+                         "use device='cuda' or move it with .cpu()")
+    return v
+
+
+def np_or_tensor_cpu(x):
+    return x if is_torch_tensor(x) else np.asarray(x)
+
+
+def current_stream(device: str) -> int:
+    if device != "cuda":
+        return 0
+    import torch
+    return int(torch.cuda.current_stream().cuda_stream)
 
 
 def default_threads() -> int:

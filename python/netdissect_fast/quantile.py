@@ -102,7 +102,7 @@ class QuantileSketch:
         ``maxima_out``: optional float32 (B, K) array receiving each map's maximum."""
         if self._poisoned:
             raise RuntimeError(f"QuantileSketch is unusable after a rejected batch ({self._poisoned})")
-        v = _backend.activation_view(batch, "batch")
+        v = _backend.on_device(batch, self.device)
         if len(v.shape) not in (2, 4):
             raise ValueError(f"batch must have shape (B, K, h, w) or (B, K), got {tuple(v.shape)}")
         B, K = v.shape[0], v.shape[1]
@@ -113,18 +113,22 @@ class QuantileSketch:
         map_size = int(np.prod(v.shape[2:])) if len(v.shape) == 4 else 1
         if map_size == 0:
             raise ValueError(f"batch has an empty activation map: shape {tuple(v.shape)}")
-        if self.device == "cuda" and v.device != "cuda":
-            raise NotImplementedError("numpy input on the CUDA backend: pass a CUDA tensor")
-        if self.device == "cpu" and v.device != "cpu":
-            raise ValueError("batch is a CUDA tensor but the sketch runs on the CPU; use device='cuda' or .cpu()")
+        if maxima_out is not None and (not isinstance(maxima_out, np.ndarray) or maxima_out.dtype != np.float32
+                                       or maxima_out.shape != (B, K) or not maxima_out.flags.c_contiguous):
+            raise ValueError(f"maxima_out must be a C-contiguous float32 array of shape {(B, K)}")
+        dev_maxima = None
         mptr = 0
         if maxima_out is not None:
-            if (not isinstance(maxima_out, np.ndarray) or maxima_out.dtype != np.float32
-                    or maxima_out.shape != (B, K) or not maxima_out.flags.c_contiguous):
-                raise ValueError(f"maxima_out must be a C-contiguous float32 array of shape {(B, K)}")
-            mptr = maxima_out.ctypes.data
-        unit, b, pos = self._impl.update(v.ptr, v.dtype, B, K, map_size, v.strides[0], v.strides[1], mptr,
-                                         self.threads)
+            if self.device == "cuda":
+                import torch
+                dev_maxima = torch.empty((B, K), dtype=torch.float32, device="cuda")
+                mptr = dev_maxima.data_ptr()
+            else:
+                mptr = maxima_out.ctypes.data
+        last = self.threads if self.device == "cpu" else _backend.current_stream(self.device)
+        unit, b, pos = self._impl.update(v.ptr, v.dtype, B, K, map_size, v.strides[0], v.strides[1], mptr, last)
+        if dev_maxima is not None:
+            maxima_out[...] = dev_maxima.cpu().numpy()
         if unit >= 0:
             self._poisoned = f"non-finite value in unit {unit}, batch position {b}, map element {pos}"
             raise ValueError(f"batch contains NaN or Inf: unit {unit}, batch position {b}, "

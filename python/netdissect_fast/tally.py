@@ -70,18 +70,42 @@ class Tally:
         self.num_labels = int(dataset.num_labels)
         if self.primary_category.shape != (self.num_labels,):
             raise ValueError("dataset.primary_category must have one entry per label number")
-        self.intersection = np.zeros((self.units, self.num_labels), np.int64)
-        self.cat_activation = np.zeros((self.units, len(self.categories)), np.int64)
+        self._I = np.zeros((self.units, self.num_labels), np.int64)
+        self._A = np.zeros((self.units, len(self.categories)), np.int64)
         self.label_pixels = np.zeros(self.num_labels, np.int64)
+        self._kern = _backend.kernels(self.device)
+        # On CUDA backends I and A accumulate on the device; _I/_A are host mirrors.
+        self._device_counts = (None if self.device == "cpu"
+                               else self._kern.DeviceCounts(self.units, self.num_labels, len(self.categories)))
+        self._stale = False
         self.images = 0
         self.map_shape = None
         self._poisoned = None
+
+    @property
+    def intersection(self) -> np.ndarray:
+        self._download()
+        return self._I
+
+    @property
+    def cat_activation(self) -> np.ndarray:
+        self._download()
+        return self._A
+
+    def _download(self):
+        if self._device_counts is not None and self._stale:
+            self._device_counts.download(self._I.ctypes.data, self._A.ctypes.data)
+            self._stale = False
+
+    def _upload(self):
+        if self._device_counts is not None:
+            self._device_counts.upload(self._I.ctypes.data, self._A.ctypes.data)
 
     def update(self, batch, image_indices, labels: LabelBatch | None = None) -> "Tally":
         """Count a (B, K, h, w) batch whose row i is dataset image ``image_indices[i]``."""
         if self._poisoned:
             raise RuntimeError(f"Tally is unusable after a rejected batch ({self._poisoned})")
-        v = _backend.activation_view(batch, "batch")
+        v = _backend.on_device(batch, self.device)
         if len(v.shape) != 4:
             raise ValueError(f"batch must have shape (B, K, h, w), got {tuple(v.shape)}")
         B, K, h, w = v.shape
@@ -102,19 +126,23 @@ class Tally:
             labels = self.dataset.label_batch(idx)
         if labels.batch != B:
             raise ValueError(f"labels cover {labels.batch} images, the batch has {B}")
-        if v.device != "cpu" and self.device == "cpu":
-            raise ValueError("batch is a CUDA tensor but the tally runs on the CPU; use device='cuda'")
         sh, sw = labels.seg_shape
         rf = _receptive_field(self.receptive_field, (h, w), (sh, sw)) if self.upsample == "receptive_field" \
             else (1.0, 1.0, 0.0, 0.0)
         arrays = _label_arrays(labels)
-        kern = _backend.kernels(self.device)
-        code, image, unit, value = kern.tally(
-            v.ptr, v.dtype, B, K, h, w, v.strides[0], v.strides[1], self._thr32.ctypes.data,
-            tuple(a.ctypes.data for a in arrays), sh, sw, self.primary_category.ctypes.data, self.num_labels,
-            len(self.categories), RULES[self.rule], UPSAMPLE[self.upsample], rf,
-            self.intersection.ctypes.data, self.cat_activation.ctypes.data, self.label_pixels.ctypes.data,
-            self.threads)
+        if self.device != "cpu" and h * w > 4096:
+            raise ValueError(f"activation maps of {h}x{w} exceed the CUDA tally's 4096-element limit; "
+                             "use device='cpu'")
+        common = (v.ptr, v.dtype, B, K, h, w, v.strides[0], v.strides[1], self._thr32.ctypes.data,
+                  tuple(a.ctypes.data for a in arrays), sh, sw, self.primary_category.ctypes.data,
+                  self.num_labels, len(self.categories), RULES[self.rule], UPSAMPLE[self.upsample], rf)
+        if self._device_counts is None:
+            code, image, unit, value = self._kern.tally(*common, self._I.ctypes.data, self._A.ctypes.data,
+                                                        self.label_pixels.ctypes.data, self.threads)
+        else:
+            code, image, unit, value = self._kern.tally(*common, self._device_counts, self.label_pixels.ctypes.data,
+                                                        _backend.current_stream(self.device))
+            self._stale = True
         if code:
             where = f"batch position {image} (dataset image {int(idx[image])})"
             if code == 1:
@@ -133,6 +161,7 @@ class Tally:
             raise ValueError("cannot merge tallies made with different thresholds")
         self.intersection += other.intersection
         self.cat_activation += other.cat_activation
+        self._upload()
         self.label_pixels += other.label_pixels
         self.images += other.images
         self.map_shape = self.map_shape or other.map_shape
@@ -153,6 +182,7 @@ class Tally:
             if arr.shape != getattr(t, name).shape:
                 raise ValueError(f"state[{name!r}] has shape {arr.shape}, expected {getattr(t, name).shape}")
             getattr(t, name)[...] = arr
+        t._upload()
         t.images = int(state["images"])
         ms = tuple(int(x) for x in np.asarray(state["map_shape"]))
         t.map_shape = ms if ms != (0, 0) else None
