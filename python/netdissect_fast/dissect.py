@@ -556,9 +556,10 @@ class _Pipeline:
         maxima = np.empty((B, K), np.float32)
         maps = values.cpu()
         job.sketch.update(values if self.kernels == "cuda" else maps, maxima_out=maxima)
+        t = self.timer.add("quantile", t)
         maps = maps.numpy()
         job.top.update(maxima, np.arange(a, b), maps)
-        t = self.timer.add("quantile", t)
+        t = self.timer.add("top_images", t)
         if job.cache is not None and write_cache:
             self._write_cache(job, maps, a, b)
             self.timer.add("cache_write", t)
