@@ -254,6 +254,49 @@ def test_summary_without_units_is_derived_from_iou(result):
     assert {int(k): v for k, v in shown.items()} == expected
 
 
+def test_result_saved_without_maps_shows_plain_images(result):
+    result_dir, dataset = result
+    with np.load(result_dir / "results.npz") as npz:
+        arrays = dict(npz)
+    arrays["top_maps"] = None                        # TopImages without map_shape
+    np.savez(result_dir / "results.npz", **arrays)
+    page = report.write_report(result_dir, dataset).read_text()
+    assert len(unit_rows(page)) == 20
+    with Image.open(result_dir / "report_images" / "unit_0000.jpg") as im:
+        strip = np.asarray(im).astype(int)
+    first = dataset.image(int(arrays["top_indices"][0, 0])).resize((96, 96), Image.Resampling.BILINEAR)
+    assert np.abs(strip[:, :96] - np.asarray(first)).mean() < 4     # undimmed, no outline
+
+
+def test_inclusive_threshold_counts_equal_iou_as_detector(result):
+    result_dir, dataset = result
+    summary = json.loads((result_dir / "summary.json").read_text())
+    summary["units"][0]["iou"] = 0.04
+    summary["inclusive"] = True
+    (result_dir / "summary.json").write_text(json.dumps(summary))
+    page = report.write_report(result_dir, dataset).read_text()
+    detectors_part = page.split('<tbody class="units below">')[0]
+    assert 0 in [int(u) for u, _ in unit_rows(detectors_part)]
+
+
+def test_end_to_end_with_generated_broden(tmp_path):
+    """make_broden -> Broden -> score -> DissectionResult.save (which writes the report),
+    then write_report again opening the dataset from the saved meta."""
+    import netdissect_fast as ndf
+    from netdissect_fast.datasets import make_broden
+    root = make_broden(tmp_path / "broden", 16, size=64, workers=1)
+    ds = ndf.Broden(str(root))
+    acts = np.random.default_rng(0).gamma(1.0, 1.0, (len(ds), 6, 4, 4)).astype(np.float32)
+    res = ndf.score(acts, ds, progress=False)
+    result_dir = res.save(tmp_path / "result", dataset=ds)
+    first = (result_dir / "report.html").read_text()
+    assert len(unit_rows(first)) == 6
+    (result_dir / "report.html").unlink()
+    page = report.write_report(result_dir).read_text()
+    assert page == first
+    assert len(list((result_dir / "report_images").glob("unit_*.jpg"))) == 6
+
+
 def test_missing_files_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="summary.json"):
         report.write_report(tmp_path)

@@ -63,23 +63,35 @@ def _read_summary(result_dir) -> dict:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+_REPORT_ARRAYS = ("thresholds", "iou", "top_indices", "top_values", "top_maps")
+
+
 def _load_saved(result_dir) -> _Saved:
     """Reads results.npz and summary.json directly, so the report does not depend on
-    the result class's loader (nor its imports)."""
+    the result class's loader (nor its imports). Only the arrays the report draws are
+    read; an optional array saved as None (an object array) counts as absent."""
     result_dir = Path(result_dir)
     summary = _read_summary(result_dir)
     npz_path = result_dir / "results.npz"
     if not npz_path.is_file():
         raise FileNotFoundError(f"{npz_path}: missing; is {result_dir} a saved dissection result?")
+    arrays = {}
     with np.load(npz_path, allow_pickle=False) as npz:
-        arrays = {name: npz[name] for name in npz.files}
+        for name in _REPORT_ARRAYS:
+            if name in npz.files:
+                try:
+                    arrays[name] = npz[name]
+                except ValueError:           # object array: refused without pickle
+                    if name == "thresholds":
+                        raise ValueError(f"{npz_path}: 'thresholds' is not a numeric array") from None
     if "thresholds" not in arrays:
         raise ValueError(f"{npz_path}: has no 'thresholds' array")
     K = len(arrays["thresholds"])
-    for name in ("top_indices", "top_values", "top_maps", "iou"):
-        if name in arrays and arrays[name].shape[0] != K:
-            raise ValueError(f"{npz_path}: '{name}' has {arrays[name].shape[0]} rows, "
-                             f"thresholds has {K}")
+    for name, array in arrays.items():
+        if array.shape[0] != K:
+            raise ValueError(f"{npz_path}: '{name}' has {array.shape[0]} rows, thresholds has {K}")
+    if "top_indices" in arrays and "top_values" not in arrays:
+        raise ValueError(f"{npz_path}: has 'top_indices' but no 'top_values'")
     return _Saved(result_dir, summary, arrays)
 
 
@@ -91,6 +103,7 @@ def _unit_table(saved: _Saved) -> list[dict]:
     summary, arrays = saved.summary, saved.arrays
     thresholds = arrays["thresholds"]
     iou_threshold = float(summary.get("iou_threshold", 0.04))
+    inclusive = bool(summary.get("inclusive", False))        # NetDissect-Lite's >=
     units = summary.get("units")
     if units is None:
         if "iou" not in arrays:
@@ -112,11 +125,12 @@ def _unit_table(saved: _Saved) -> list[dict]:
         if not 0 <= k < len(thresholds):
             raise ValueError(f"{saved.path}/summary.json: unit {k} outside 0..{len(thresholds) - 1}")
         iou = float(u.get("iou", 0.0))
+        above = iou >= iou_threshold if inclusive else iou > iou_threshold
         table.append({"unit": k, "label": int(u.get("label", 0)),
                       "label_name": str(u.get("label_name", "-")),
                       "category": str(u.get("category") or ""), "iou": iou,
                       "threshold": float(thresholds[k]),
-                      "detector": bool(u.get("detector", iou > iou_threshold))})
+                      "detector": bool(u.get("detector", above and iou > 0))})
     return table
 
 
@@ -346,7 +360,7 @@ table { border-collapse: collapse; }
 .charts figure { margin: 0; max-width: 100%; overflow-x: auto; }
 .charts img { max-width: none; }
 #units th, #units td { padding: 4px 10px 4px 0; vertical-align: middle; text-align: left; }
-#units thead th { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #999; }
+#units thead th { position: sticky; top: 0; z-index: 1; background: #fff; border-bottom: 1px solid #999; }
 #units th[data-key] { cursor: pointer; user-select: none; white-space: nowrap; }
 #units th[aria-sort=ascending]::after { content: " \\25B2"; }
 #units th[aria-sort=descending]::after { content: " \\25BC"; }
@@ -567,7 +581,7 @@ def write_comparison(result_dirs, out_path) -> Path:
     ax.set_title("Unique detectors per category")
     ax.spines[["top", "right"]].set_visible(False)
     if categories:
-        ax.legend(frameon=False, fontsize=8, ncols=min(6, len(categories)))
+        ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save_svg(fig, image_dir / "comparison.svg")
 
     head = "".join(f"<th>{_esc(c)}</th>" for c in categories)
