@@ -120,8 +120,10 @@ def test_debug_shows_the_exception(tmp_path):
         main(["--debug", "report", str(tmp_path)])
 
 
-def test_validate_and_backends(data, capsys):
-    assert main(["validate-dataset", str(data)]) == 0
+def test_validate_pack_and_backends(data, capsys):
+    assert main(["validate-dataset", str(data), "--quiet"]) == 0
+    assert main(["pack-dataset", str(data), "--quiet"]) == 0
+    assert "packed label store of 24 images" in capsys.readouterr().out
     assert main(["backends"]) == 0
     assert "cpu" in capsys.readouterr().out
 

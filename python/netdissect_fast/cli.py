@@ -80,20 +80,19 @@ def cmd_make_dataset(a) -> int:
 
 
 def cmd_validate_dataset(a) -> int:
-    report = _open_broden(a.path, a.categories).validate()
-    if report is not None:
-        print(report)
+    report = _open_broden(a.path, a.categories).validate(progress=not a.quiet)
+    print(report)
+    if not report.ok:
+        raise ValueError(f"dataset {a.path!r} has problems (listed above)")
     return 0
 
 
 def cmd_pack_dataset(a) -> int:
-    from . import labelstore
+    from .labelstore import LabelStore
     dataset = _open_broden(a.path, a.categories)
-    build = getattr(labelstore, "build_store", None) or getattr(labelstore, "build", None)
-    if build is None:
-        raise RuntimeError("this build has no label store builder")
-    path = build(dataset, force=True)
-    print(f"packed label store: {path}")
+    store = LabelStore.open_or_build(dataset, rebuild=True, progress=not a.quiet)
+    print(f"packed label store of {len(dataset)} images: {getattr(store, 'path', '')}")
+    store.close()
     return 0
 
 
