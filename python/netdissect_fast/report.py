@@ -277,7 +277,7 @@ def _thumb_size(dataset) -> tuple[int, int]:
 
 def _render_strips(saved: _Saved, dataset, image_dir: Path, top_n: int, pool) -> dict:
     """Writes unit_<k>.jpg for every unit with at least one top image; returns
-    {unit: (file name, width, height)}."""
+    {unit: (file name, width, height, images per strip)}."""
     arrays = saved.arrays
     indices = arrays["top_indices"][:, :top_n].astype(np.int64)
     K = indices.shape[0]
@@ -331,7 +331,7 @@ def _render_strips(saved: _Saved, dataset, image_dir: Path, top_n: int, pool) ->
             name = f"unit_{k:04d}.jpg"
             Image.frombuffer("RGBX", (strip_w, th), strips[u], "raw", "RGBX", 0, 1).save(
                 image_dir / name, quality=JPEG_QUALITY)
-            done[k] = (name, strip_w, th)
+            done[k] = (name, strip_w, th, n)
         return done
 
     strips = {}
@@ -434,14 +434,15 @@ def _meta_table(saved: _Saved, num_units: int) -> str:
         f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items) + "\n</table>"
 
 
-def _unit_row(row: dict, strip, image_dir_name: str, categories: list, tops) -> str:
+def _unit_row(row: dict, strip, image_dir_name: str, categories: list, arrays: dict) -> str:
     color = _category_color(row["category"], categories) if row["category"] else "#ccc"
     if strip is None:
         images = "<span class=\"small\">no images</span>"
     else:
-        name, w, h = strip
-        idx, val = tops
-        hint = ", ".join(f"#{i} ({v:.3g})" for i, v in zip(idx, val) if i >= 0)
+        name, w, h, n = strip
+        k = row["unit"]
+        hint = ", ".join(f"#{i} ({v:.3g})" for i, v in zip(arrays["top_indices"][k, :n].tolist(),
+                                                            arrays["top_values"][k, :n].tolist()) if i >= 0)
         images = (f"<img src=\"{_esc(image_dir_name)}/{_esc(name)}\" width=\"{w}\" height=\"{h}\" "
                   f"alt=\"unit {row['unit']}: top images\" title=\"images (max activation): "
                   f"{_esc(hint)}\">")
@@ -449,7 +450,8 @@ def _unit_row(row: dict, strip, image_dir_name: str, categories: list, tops) -> 
             f"data-category=\"{_esc(row['category'])}\" data-iou=\"{row['iou']:.6f}\">"
             f"<td class=\"num\">{row['unit']}</td><td>{_esc(row['label_name'])}</td>"
             f"<td><span class=\"swatch\" style=\"background:{color}\"></span>{_esc(row['category'])}</td>"
-            f"<td class=\"num\">{row['iou']:.3f}<br><span class=\"small\">T={row['threshold']:.3g}</span></td>"
+            f"<td class=\"num\">{row['iou']:.3f}<br>"
+            f"<span class=\"small\">T={row['threshold']:.3g}</span></td>"
             f"<td>{images}</td></tr>")
 
 
@@ -496,12 +498,7 @@ def write_report(result_dir, dataset=None, out=None, top_n=None) -> Path:
     rel = image_dir.name
 
     def rows(selected):
-        return "\n".join(
-            _unit_row(r, strips.get(r["unit"]), rel, categories,
-                      (arrays["top_indices"][r["unit"], :top_n].tolist(),
-                       arrays["top_values"][r["unit"], :top_n].tolist())
-                      if r["unit"] in strips else None)
-            for r in selected)
+        return "\n".join(_unit_row(r, strips.get(r["unit"]), rel, categories, arrays) for r in selected)
 
     detectors = [r for r in order if r["detector"]]
     below = [r for r in order if not r["detector"]]
@@ -523,8 +520,8 @@ activation map upsampled bilinearly and thresholded at the unit's threshold T: t
 T bright and outlined, the rest dimmed.</p>
 <table id="units">
 <thead><tr><th data-key="unit" data-type="number">Unit</th><th data-key="label">Label</th>
-<th data-key="category">Category</th><th data-key="iou" data-type="number" aria-sort="descending">IoU</th>
-<th>Top images</th></tr></thead>
+<th data-key="category">Category</th>
+<th data-key="iou" data-type="number" aria-sort="descending">IoU</th><th>Top images</th></tr></thead>
 <tbody><tr class="section"><th colspan="5">Detectors: IoU above {_esc(threshold)} ({len(detectors)} units)</th></tr></tbody>
 <tbody class="units detectors">
 {rows(detectors)}
