@@ -8,10 +8,14 @@ import torch
 
 
 def upsample_bilinear(acts: np.ndarray, seg_shape) -> np.ndarray:
-    """torch's own bilinear upsampling (the definition the kernels must match)."""
-    t = torch.from_numpy(np.ascontiguousarray(acts, np.float32))
-    return torch.nn.functional.interpolate(t, size=tuple(seg_shape), mode="bilinear",
-                                           align_corners=False).numpy()
+    """torch's own bilinear upsampling (the definition the kernels must match),
+    one map at a time: torch takes (N, K, 1, 1) tensors for channels-last ones and
+    then rounds differently, so each map goes in as its own (1, 1, h, w) image."""
+    a = np.ascontiguousarray(acts, np.float32)
+    N, K, h, w = a.shape
+    t = torch.from_numpy(a.reshape(N * K, 1, h, w))
+    up = torch.nn.functional.interpolate(t, size=tuple(seg_shape), mode="bilinear", align_corners=False)
+    return up.numpy().reshape(N, K, *seg_shape)
 
 
 def _axis_receptive_field(n_in, n_out, stride, offset):

@@ -159,8 +159,8 @@ class Tally:
             raise ValueError("cannot merge tallies of different units, labels, categories or settings")
         if not np.array_equal(other.thresholds, self.thresholds):
             raise ValueError("cannot merge tallies made with different thresholds")
-        self.intersection += other.intersection
-        self.cat_activation += other.cat_activation
+        self._I[...] = self.intersection + other.intersection
+        self._A[...] = self.cat_activation + other.cat_activation
         self._upload()
         self.label_pixels += other.label_pixels
         self.images += other.images

@@ -1,0 +1,191 @@
+"""The fused tally against the dense reference of tests/reference.py (torch
+interpolate, boolean masks, per-plane bincounts): every count must be equal."""
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import netdissect_fast as ndf
+from netdissect_fast.tally import Tally
+from reference import reference_tally, upsample_bilinear, upsample_receptive_field
+from synthetic import random_dataset, smooth_activations
+
+
+def run(ds, acts, thresholds, rule="paper", bs=4, device="cpu", threads=None, order=None, **kw):
+    t = Tally(ds, thresholds, rule=rule, device=device, threads=threads, **kw)
+    idx = np.arange(len(ds)) if order is None else np.asarray(order)
+    for s in range(0, len(idx), bs):
+        part = idx[s:s + bs]
+        t.update(acts[part], part)
+    return t
+
+
+def thresholds_for(acts, q=0.99):
+    """Thresholds equal to activation values (ties at the threshold) plus one
+    unit whose threshold is its maximum (never fires)."""
+    flat = np.moveaxis(acts, 1, 0).reshape(acts.shape[1], -1).astype(np.float64)
+    thr = np.quantile(flat, q, axis=1, method="lower")
+    thr[-1] = flat[-1].max()
+    return thr
+
+
+def assert_counts(t, acts, ds, thr, rule, upsampled=None):
+    I, A, G = reference_tally(acts, thr, ds.images, ds.primary_category, len(ds.categories), rule,
+                              upsampled=upsampled, seg_shape=ds.seg_shape)
+    np.testing.assert_array_equal(t.intersection, I)
+    np.testing.assert_array_equal(t.cat_activation, A)
+    np.testing.assert_array_equal(t.label_pixels, G)
+    assert I.sum() > 0 or np.all(thr >= acts.max())
+
+
+SHAPES = [((7, 7), (112, 112)), ((13, 13), (113, 113)), ((14, 14), (192, 192)), ((28, 28), (112, 112)),
+          ((1, 1), (112, 112)), ((3, 5), (40, 57)), ((6, 4), (17, 30)), ((7, 7), (7, 7))]
+
+
+@pytest.mark.parametrize("rule", ["paper", "netdissect-lite"])
+@pytest.mark.parametrize("map_shape,seg_shape", SHAPES)
+def test_counts_equal_dense_reference(map_shape, seg_shape, rule):
+    rng = np.random.default_rng(zlib.crc32(repr((map_shape, seg_shape, rule)).encode()))
+    ds = random_dataset(rng, n_images=6, seg_shape=seg_shape, block=max(3, seg_shape[0] // 8))
+    acts = smooth_activations(rng, 6, 5, *map_shape)
+    thr = thresholds_for(acts)
+    assert_counts(run(ds, acts, thr, rule), acts, ds, thr, rule)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bs", [1, 3, 8])
+def test_threads_batch_size_and_order_do_not_change_counts(threads, bs):
+    rng = np.random.default_rng(11)
+    ds = random_dataset(rng, n_images=8)
+    acts = smooth_activations(rng, 8, 6, 7, 7)
+    thr = thresholds_for(acts)
+    base = run(ds, acts, thr, bs=8, threads=1)
+    other = run(ds, acts, thr, bs=bs, threads=threads, order=rng.permutation(8))
+    for name in ("intersection", "cat_activation", "label_pixels"):
+        np.testing.assert_array_equal(getattr(other, name), getattr(base, name))
+
+
+def test_merged_shards_equal_one_pass_and_state_round_trip():
+    rng = np.random.default_rng(12)
+    ds = random_dataset(rng, n_images=9)
+    acts = smooth_activations(rng, 9, 4, 7, 7)
+    thr = thresholds_for(acts)
+    whole = run(ds, acts, thr)
+    a = Tally(ds, thr, device="cpu").update(acts[:4], np.arange(4))
+    b = Tally(ds, thr, device="cpu").update(acts[4:], np.arange(4, 9))
+    a.merge(Tally.from_state(b.state_dict(), ds, device="cpu"))
+    for name in ("intersection", "cat_activation", "label_pixels"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(whole, name))
+    assert a.images == 9
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_half_precision_activations(dtype):
+    rng = np.random.default_rng(13)
+    ds = random_dataset(rng, n_images=5)
+    a32 = smooth_activations(rng, 5, 4, 7, 7)
+    if dtype == "bfloat16":
+        acts = torch.from_numpy(a32).to(torch.bfloat16)
+        ref = acts.float().numpy()
+    else:
+        acts = a32.astype(np.float16)
+        ref = acts.astype(np.float32)
+    thr = thresholds_for(ref)
+    assert_counts(run(ds, acts, thr), ref, ds, thr, "paper")
+
+
+def test_mask_is_bit_identical_to_torch_threshold():
+    """One label covering every pixel: I = |M| = count(interpolate(a) > T) exactly,
+    for thresholds placed exactly on upsampled values."""
+    rng = np.random.default_rng(14)
+    from synthetic import StubDataset
+    n, k, seg = 6, 8, (112, 112)
+    images = [(np.ones((1,) + seg, np.int64), []) for _ in range(n)]
+    ds = StubDataset(images, [-1, 0], ["c"], seg)
+    acts = rng.standard_normal((n, k, 7, 7)).astype(np.float32)
+    up = upsample_bilinear(acts, seg)
+    thr = np.array([np.sort(up[:, j].ravel())[-(j + 1) * 500] for j in range(k)], np.float64)
+    t = run(ds, acts, thr)
+    expect = (up > thr.astype(np.float32)[None, :, None, None]).sum(axis=(0, 2, 3))
+    np.testing.assert_array_equal(t.intersection[:, 1], expect)
+
+
+def test_receptive_field_mode_matches_its_reference():
+    rng = np.random.default_rng(15)
+    ds = random_dataset(rng, n_images=5, seg_shape=(112, 112))
+    acts = smooth_activations(rng, 5, 4, 7, 7)
+    thr = thresholds_for(acts)
+    stride, offset = (16.0, 16.0), (10.0, 6.5)
+    up = upsample_receptive_field(acts, (112, 112), stride, offset)
+    t = run(ds, acts, thr, upsample="receptive_field", receptive_field=(stride, offset))
+    assert_counts(t, acts, ds, thr, "paper", upsampled=up)
+
+
+def test_images_without_pixel_labels_and_image_level_only():
+    rng = np.random.default_rng(16)
+    ds = random_dataset(rng, n_images=6, max_planes=0)
+    acts = smooth_activations(rng, 6, 3, 7, 7)
+    thr = thresholds_for(acts)
+    assert_counts(run(ds, acts, thr, "netdissect-lite"), acts, ds, thr, "netdissect-lite")
+
+
+def test_score_runs_quantiles_then_tally():
+    rng = np.random.default_rng(17)
+    ds = random_dataset(rng, n_images=10)
+    acts = smooth_activations(rng, 10, 4, 7, 7)
+    res = ndf.score(acts, ds, device="cpu", progress=False, batch_size=3, top_n=0)
+    ref_thr = np.quantile(np.moveaxis(acts, 1, 0).reshape(4, -1).astype(np.float64), 0.995, axis=1)
+    np.testing.assert_array_equal(res.thresholds, ref_thr)
+    I, A, G = reference_tally(acts, ref_thr, ds.images, ds.primary_category, 4, "paper", seg_shape=(112, 112))
+    np.testing.assert_array_equal(res.intersection, I)
+    np.testing.assert_array_equal(res.label_pixels, G)
+    lite = ndf.score(acts, ds, rule="netdissect-lite", device="cpu", progress=False, top_n=0)
+    assert lite.meta["settings"]["q"] == 994 / 999
+    # iterable input and a torch tensor give the same counts
+    it = ndf.score([(np.arange(s, min(10, s + 4)), acts[s:s + 4]) for s in range(0, 10, 4)], ds,
+                   thresholds=ref_thr, device="cpu", progress=False, top_n=0)
+    np.testing.assert_array_equal(it.intersection, I)
+    tt = ndf.score(torch.from_numpy(acts), ds, device="cpu", progress=False, top_n=0)
+    np.testing.assert_array_equal(tt.intersection, I)
+
+
+def test_bad_input_is_named():
+    rng = np.random.default_rng(18)
+    ds = random_dataset(rng, n_images=4)
+    acts = smooth_activations(rng, 4, 3, 7, 7)
+    thr = thresholds_for(acts)
+    with pytest.raises(ValueError, match="3 units but 2 thresholds"):
+        Tally(ds, thr[:2], device="cpu").update(acts, np.arange(4))
+    with pytest.raises(ValueError, match="thresholds"):
+        Tally(ds, [np.nan, 1, 2], device="cpu")
+    with pytest.raises(ValueError, match="rule"):
+        Tally(ds, thr, rule="nope")
+    with pytest.raises(ValueError, match="upsample"):
+        Tally(ds, thr, upsample="nearest")
+    with pytest.raises(ValueError, match="image indices"):
+        Tally(ds, thr, device="cpu").update(acts, np.arange(3))
+    with pytest.raises(TypeError, match="float64"):
+        Tally(ds, thr, device="cpu").update(acts.astype(np.float64), np.arange(4))
+    bad = acts.copy()
+    bad[2, 1, 3, 3] = np.inf
+    t = Tally(ds, thr, device="cpu")
+    with pytest.raises(ValueError, match=r"unit 1, batch position 2"):
+        t.update(bad, np.arange(4))
+    with pytest.raises(RuntimeError, match="unusable"):
+        t.update(acts, np.arange(4))
+    # a label number outside the label space, caught before anything is counted
+    lb = ds.label_batch(np.arange(4))
+    lb.set_labels = lb.set_labels.copy()
+    lb.set_labels[0] = ds.num_labels + 5
+    t = Tally(ds, thr, device="cpu")
+    with pytest.raises(ValueError, match="label number outside the label space"):
+        t.update(acts, np.arange(4), labels=lb)
+    assert t.intersection.sum() == 0
+    with pytest.raises(ValueError, match="rows but the dataset has"):
+        ndf.score(acts[:3], ds, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        ndf.score(acts, ds, batch_size=0, device="cpu", progress=False)
+    with pytest.raises(RuntimeError, match="CUDA is not usable"):
+        Tally(ds, thr, device="cuda") if not ndf.backends()["cuda"]["usable"] else (_ for _ in ()).throw(
+            RuntimeError("CUDA is not usable (skipped: a GPU is present)"))
