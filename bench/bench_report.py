@@ -21,9 +21,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 sys.path.insert(0, str(HERE.parent / "tests"))     # the report tests' fixture builders
 
-from netdissect_fast import report                     # noqa: E402
-from netdissect_fast.topimages import TopImages         # noqa: E402
-from test_report import make_fake_result, make_images  # noqa: E402
+from _timing import machine_info, measure, peak_rss_mib  # noqa: E402
+from netdissect_fast import report                        # noqa: E402
+from netdissect_fast.topimages import TopImages           # noqa: E402
+from test_report import StubDataset, make_fake_result, make_images  # noqa: E402
 
 
 def random_top(rng, units, n, n_images, map_shape):
@@ -55,17 +56,18 @@ def main(argv=None):
     parser.add_argument("--units", type=int, default=2048)
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keeps the generated images between runs (default: a temp folder)")
     args = parser.parse_args(argv)
 
+    print(machine_info())
     bench_topimages(args.units)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         image_dir = work / f"images_{args.images}"
         t0 = time.perf_counter()
         if len(list(image_dir.glob("*.jpg"))) == args.images:
-            from test_report import StubDataset
             dataset = StubDataset(sorted(image_dir.glob("*.jpg")), (224, 224))
         else:
             dataset = make_images(image_dir, args.images, size=224)
@@ -76,12 +78,16 @@ def main(argv=None):
                                       n_images=args.images, top=top, top_n=args.top,
                                       thresholds=np.full(args.units, 1.5, np.float32))
         distinct = len(np.unique(top.indices))
-        t0 = time.perf_counter()
-        path = report.write_report(result_dir, dataset)
-        seconds = time.perf_counter() - t0
+        cpu0 = time.process_time()
+        timing = measure("write_report", lambda: report.write_report(result_dir, dataset),
+                         repeats=args.repeats, warmup=1)
+        cpu = (time.process_time() - cpu0) / (args.repeats + 1)
+        path = result_dir / "report.html"
         size = sum(f.stat().st_size for f in (path.parent / "report_images").iterdir())
         print(f"write_report K={args.units} x {args.top} images ({distinct} distinct): "
-              f"{seconds:.2f} s; strips {size / 2**20:.1f} MiB, html {path.stat().st_size / 2**10:.0f} KiB")
+              f"median {timing.median:.2f} s wall (runs {', '.join(f'{r:.2f}' for r in timing.runs)}), "
+              f"{cpu:.2f} s CPU per run; strips {size / 2**20:.1f} MiB, "
+              f"html {path.stat().st_size / 2**10:.0f} KiB; peak RSS {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

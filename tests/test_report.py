@@ -206,18 +206,18 @@ def test_upsample_matches_torch(size):
 
 def test_draw_masks_outline_and_dimming():
     rgb = np.full((1, 8, 8, 3), 200, np.uint8)
-    bright, dim = report._pack_rgbx(rgb), report._pack_rgbx(report._dimmed(rgb))
+    bright = report._pack_rgbx(rgb)
     masks = np.zeros((1, 8, 8), bool)
     masks[0, 2:6, 2:6] = True
 
     def pixel(words, y, x):
         return tuple(words[..., None].view(np.uint8)[0, y, x, :3])
-    out = report._draw_masks(bright, dim, masks)
+    out = report._draw_masks(bright, masks)
     assert pixel(out, 3, 3) == (200, 200, 200)                   # interior
     assert pixel(out, 2, 3) == report.OUTLINE_RGB                # inner edge
     assert pixel(out, 1, 3) == report.OUTLINE_RGB                # outer edge
     assert pixel(out, 0, 0) == (60, 60, 60)                      # dimmed: 200 * 77 >> 8
-    full = report._draw_masks(bright, dim, np.ones((1, 8, 8), bool))
+    full = report._draw_masks(bright, np.ones((1, 8, 8), bool))
     assert (full == bright).all()                                # no outline on the border
 
 
