@@ -89,6 +89,7 @@ class Broden:
         self._store_arg = store
         self._store = None
         self._listing = None
+        self._files: dict[str, list[int]] = {}
 
         self.all_categories = [r["name"] for _, r in self._csv("category.csv", ("name",))]
         if categories is None:
@@ -123,6 +124,8 @@ class Broden:
         are problems."""
         path = self.path / name
         try:
+            st = path.stat()                  # what fingerprint() describes: the file as read
+            self._files[name] = [st.st_size, st.st_mtime_ns]
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise BrodenError(f"Broden: cannot read {path}: {e}") from None
@@ -317,15 +320,12 @@ class Broden:
 
     # -- identity ----------------------------------------------------------------------
     def source_record(self) -> dict:
-        """What the dataset's labels are built from: CSV sizes and mtimes, a cheap
-        fingerprint of the image listing (names, not contents), and the selection."""
-        files = {}
-        for name in ["index.csv", "category.csv", "label.csv"] + [f"c_{c}.csv" for c in self.categories]:
-            st = (self.path / name).stat()
-            files[name] = [st.st_size, st.st_mtime_ns]
+        """What the dataset's labels are built from: sizes and mtimes of the CSVs when
+        they were read, a cheap fingerprint of the image listing (names, not contents),
+        and the selection."""
         if self._listing is None:
             self._listing = _listing_fingerprint(self.path / "images")
-        return {"dataset": str(self.path), "files": files, "images": self._listing,
+        return {"dataset": str(self.path), "files": dict(self._files), "images": self._listing,
                 "categories": list(self.categories), "rows": len(self),
                 "seg_shape": list(self.seg_shape), "num_labels": self.num_labels}
 
