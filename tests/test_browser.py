@@ -68,7 +68,6 @@ def test_report_in_headless_chromium(browser, tmp_path):
 
     requests_made(browser)                              # drop the start page's requests
     browser.get(page.as_uri())
-    browser.execute_script("return document.readyState")
     browser.set_script_timeout(30)
     # Wait for every image (complete), then read its decoded width.
     widths = browser.execute_async_script("""
