@@ -2,6 +2,7 @@
 // AVX-512 or AVX2 where the CPU has them.
 #include <cmath>
 #include <limits>
+#include "cpu_simd.h"
 #include "ndf/quantile.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -25,7 +26,38 @@ bool max_scan_scalar(const float* v, int64_t n, float* max_out, float* min_out) 
   return poison == 0.0f;
 }
 
+// Appends the values > bound to out[count...] (room for n values is guaranteed
+// by the caller) and returns the new count. Branch-free: always store, advance
+// only when the value qualifies.
+int64_t append_greater_scalar(const float* v, int64_t n, float bound, float* out, int64_t count) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[count] = v[i];
+    count += v[i] > bound;
+  }
+  return count;
+}
+
 #ifdef NDF_X86
+__attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v, int64_t n, float bound,
+                                                                  float* out, int64_t count) {
+  const __m512 b = _mm512_set1_ps(bound);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    const __mmask16 m = _mm512_cmp_ps_mask(x, b, _CMP_GT_OQ);
+    _mm512_mask_compressstoreu_ps(out + count, m, x);
+    count += __builtin_popcount(unsigned(m));
+  }
+  if (i < n) {
+    const __mmask16 live = __mmask16((1u << (n - i)) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(live, v + i);
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(live, x, b, _CMP_GT_OQ);
+    _mm512_mask_compressstoreu_ps(out + count, m, x);
+    count += __builtin_popcount(unsigned(m));
+  }
+  return count;
+}
+
 __attribute__((target("avx2,fma"))) bool max_scan_avx2(const float* v, int64_t n, float* max_out, float* min_out) {
   __m256 mx = _mm256_set1_ps(-INFINITY), mn = _mm256_set1_ps(INFINITY), poison = _mm256_setzero_ps();
   const __m256 zero = _mm256_setzero_ps();
@@ -81,12 +113,14 @@ __attribute__((target("avx512f"))) bool max_scan_avx512(const float* v, int64_t 
 
 struct Dispatch {
   MaxScanFn scan = max_scan_scalar;
+  AppendGreaterFn append = append_greater_scalar;
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) {
       scan = max_scan_avx512;
+      append = append_greater_avx512;
       name = "avx512";
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       scan = max_scan_avx2;
@@ -104,6 +138,7 @@ const Dispatch& dispatch() {
 }  // namespace
 
 MaxScanFn max_scan_kernel() { return dispatch().scan; }
+AppendGreaterFn append_greater() { return dispatch().append; }
 const char* cpu_isa_name() { return dispatch().name; }
 
 }  // namespace ndf

@@ -9,11 +9,14 @@
 #include <vector>
 
 #include "ndf/quantile.h"
+#include "cpu_simd.h"
 
 namespace ndf {
 
 TailQuantileCPU::TailQuantileCPU(int64_t units, int64_t keep)
-    : units_(units), keep_(keep), capacity_(keep + std::max<int64_t>(keep / 2, 64)) {
+    // Slack of at least `keep` values: compaction (O(capacity)) then costs O(1) per
+    // appended value, and appends are rare once the bound has risen.
+    : units_(units), keep_(keep), capacity_(keep + std::max<int64_t>(keep, 4096)) {
   values_.resize(size_t(units_ * capacity_));
   count_.assign(size_t(units_), 0);
   bound_.assign(size_t(units_), -std::numeric_limits<float>::infinity());
@@ -33,11 +36,11 @@ void TailQuantileCPU::compact(int64_t unit) {
 void TailQuantileCPU::offer(int64_t unit, const float* v, int64_t n) {
   float* buf = values_.data() + unit * capacity_;
   int64_t& c = count_[unit];
-  for (int64_t i = 0; i < n; ++i) {
-    if (v[i] > bound_[unit]) {
-      if (c == capacity_) compact(unit);
-      if (v[i] > bound_[unit]) buf[c++] = v[i];
-    }
+  const int64_t room = capacity_ - keep_;
+  for (int64_t s = 0; s < n; s += room) {  // chunks that always fit after a compaction
+    const int64_t m = std::min(room, n - s);
+    if (c + m > capacity_) compact(unit);
+    c = append_greater()(v + s, m, bound_[unit], buf, c);
   }
 }
 

@@ -30,6 +30,9 @@ _EXPORTS = {
     "report": ".report",
 }
 
+# Names that are submodules themselves (ndf.datasets.make_broden, ndf.report.write_report).
+_MODULE_EXPORTS = {"datasets", "report"}
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
@@ -38,7 +41,7 @@ def __getattr__(name: str):
     if mod is None:
         raise AttributeError(f"module 'netdissect_fast' has no attribute {name!r}")
     module = importlib.import_module(mod, __name__)
-    value = module if mod.lstrip(".") == name else getattr(module, name)
+    value = module if name in _MODULE_EXPORTS else getattr(module, name)
     globals()[name] = value
     return value
 
