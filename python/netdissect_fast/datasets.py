@@ -156,14 +156,12 @@ class _Canvas:
     def paint(self, shape: Shape, rgb=None, pattern: tuple | None = None, **labels):
         """Fill ``shape`` with ``rgb`` (or ``pattern = (mask_fn, rgb_a, rgb_b)``) and set
         the given planes to label numbers (0 clears)."""
-        m = shape(*self.image_grid)
+        m = shape(*self.image_grid)[..., None]
         if pattern is not None:
             on, a, b = pattern
-            p = on(*self.image_grid)
-            self.rgb[m & ~p] = a
-            self.rgb[m & p] = b
+            np.copyto(self.rgb, np.where(on(*self.image_grid)[..., None], np.float32(b), np.float32(a)), where=m)
         elif rgb is not None:
-            self.rgb[m] = self.jitter(rgb)
+            np.copyto(self.rgb, self.jitter(rgb), where=m)
         ms = shape(*self.seg_grid)
         for plane, label in labels.items():
             self.planes[plane][ms] = LABEL[label] if label else 0
@@ -350,7 +348,8 @@ def classify_colors(rgb: np.ndarray) -> np.ndarray:
     """Per-pixel color label numbers (int32) for an (h, w, 3) RGB array: the nearest of
     the 11 color prototypes."""
     protos = np.array(list(COLOR_PROTOTYPES.values()), np.float32)
-    d = ((rgb.astype(np.float32)[:, :, None, :] - protos) ** 2).sum(-1)
+    # |x - p|^2 = |x|^2 - 2 x.p + |p|^2; |x|^2 is the same for every p.
+    d = (protos ** 2).sum(1) - 2 * rgb.astype(np.float32) @ protos.T
     numbers = np.array([LABEL[n] for n in COLOR_PROTOTYPES], np.int32)
     return numbers[d.argmin(-1)]
 
@@ -382,7 +381,7 @@ def _render(root: str, i: int, seed: int, size: int, seg: int, material_fraction
 
     # A little lighting and sensor noise so these look like photos, not flat drawings.
     Y = c.image_grid[0][..., None]
-    picture = c.rgb * (1.08 - 0.16 * Y) + rng.normal(0, 4, c.rgb.shape).astype(np.float32)
+    picture = c.rgb * (1.08 - 0.16 * Y) + 4 * rng.standard_normal(c.rgb.shape, np.float32)
     picture = np.clip(picture, 0, 255).astype(np.uint8)
     seg_rgb = np.asarray(Image.fromarray(picture).resize((seg, seg), Image.BOX))
 
