@@ -1,4 +1,5 @@
 """Broden reader: the contract of docs/ARCHITECTURE.md and every validation error."""
+import pickle
 import re
 import shutil
 
@@ -94,6 +95,9 @@ def test_store_and_decoded_batches_agree(small_broden):
             for name in a.__dataclass_fields__:
                 assert np.array_equal(getattr(a, name), getattr(b, name)), name
             a.validate(packed.num_labels)
+        clone = pickle.loads(pickle.dumps(packed))    # e.g. for DataLoader workers
+        assert np.array_equal(clone.label_batch([5]).pixel_sets, decoded.label_batch([5]).pixel_sets)
+        clone.close()
 
 
 def test_fingerprint(small_broden, broken):

@@ -74,7 +74,10 @@ class ValidationReport:
 
 class Broden:
     """A Broden dataset directory (SPEC §4): rows = index.csv rows with data in a
-    selected category, in index order."""
+    selected category, in index order.
+
+    ``store``: "auto" (packed label store in the default cache location, built on
+    first use), a path for the store file, or None (decode the PNGs on every call)."""
 
     def __init__(self, path, categories: Sequence[str] | None = None, store="auto",
                  on_error: str = "raise"):
@@ -154,7 +157,9 @@ class Broden:
         for line, r in self._csv("label.csv", ("number", "name", "category")):
             try:
                 number = int(r["number"])
-                if number < 1:
+                if number == 0:               # "unlabelled", if a file lists it
+                    continue
+                if number < 0:
                     raise ValueError
                 cats = [item.split("(")[0].strip() for item in r["category"].split(";") if item.strip()]
             except ValueError:
@@ -306,6 +311,11 @@ class Broden:
             path = None if self._store_arg == "auto" else self._store_arg
             self._store = LabelStore.open_or_build(self, path)
         return self._store
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None                # reopened on first use after unpickling
+        return state
 
     def close(self) -> None:
         if self._store is not None:
