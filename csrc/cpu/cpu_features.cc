@@ -37,7 +37,70 @@ int64_t append_greater_scalar(const float* v, int64_t n, float bound, float* out
   return count;
 }
 
+void clear_words(int64_t xa, int64_t xb, uint64_t* bits) {
+  for (int64_t w = xa >> 6; w <= (xb - 1) >> 6; ++w) bits[w] = 0;
+}
+
+// ORs `n` mask bits (n <= 16) into the bit array at bit offset px.
+inline void put_bits(uint64_t* bits, int64_t px, uint64_t m) {
+  const int sh = int(px & 63);
+  bits[px >> 6] |= m << sh;
+  if (sh > 48) bits[(px >> 6) + 1] |= m >> (64 - sh);
+}
+
+void threshold_row_scalar(const float* top, const float* bot, float wy0, float wy1, float T, int64_t xa,
+                          int64_t xb, uint64_t* bits) {
+  clear_words(xa, xb, bits);
+  for (int64_t px = xa; px < xb; ++px)
+    bits[px >> 6] |= uint64_t(std::fma(wy0, top[px], wy1 * bot[px]) > T) << (px & 63);
+}
+
+void interp_row_scalar(const float* row, const int32_t* x0, const int32_t* x1, const float* wx0,
+                       const float* wx1, int64_t n, float* out) {
+  for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
+}
+
 #ifdef NDF_X86
+// Same loop compiled for FMA hardware: std::fma becomes one instruction (the
+// baseline build calls libm's correctly rounded fmaf instead).
+__attribute__((target("avx512f"))) void interp_row_avx512(const float* row, const int32_t* x0, const int32_t* x1,
+                                                          const float* wx0, const float* wx1, int64_t n,
+                                                          float* out) {
+  for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
+}
+__attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, const int32_t* x0, const int32_t* x1,
+                                                        const float* wx0, const float* wx1, int64_t n,
+                                                        float* out) {
+  for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
+}
+
+__attribute__((target("avx512f"))) void threshold_row_avx512(const float* top, const float* bot, float wy0,
+                                                            float wy1, float T, int64_t xa, int64_t xb,
+                                                            uint64_t* bits) {
+  clear_words(xa, xb, bits);
+  const __m512 a = _mm512_set1_ps(wy0), b = _mm512_set1_ps(wy1), t = _mm512_set1_ps(T);
+  for (int64_t px = xa; px < xb; px += 16) {
+    const int64_t n = xb - px < 16 ? xb - px : 16;
+    const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
+    const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
+    const __m512 val = _mm512_fmadd_ps(a, u, _mm512_mul_ps(b, v));
+    put_bits(bits, px, _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void threshold_row_avx2(const float* top, const float* bot, float wy0,
+                                                           float wy1, float T, int64_t xa, int64_t xb,
+                                                           uint64_t* bits) {
+  clear_words(xa, xb, bits);
+  const __m256 a = _mm256_set1_ps(wy0), b = _mm256_set1_ps(wy1), t = _mm256_set1_ps(T);
+  int64_t px = xa;
+  for (; px + 8 <= xb; px += 8) {
+    const __m256 val = _mm256_fmadd_ps(a, _mm256_loadu_ps(top + px), _mm256_mul_ps(b, _mm256_loadu_ps(bot + px)));
+    put_bits(bits, px, uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(val, t, _CMP_GT_OQ))));
+  }
+  for (; px < xb; ++px) bits[px >> 6] |= uint64_t(std::fma(wy0, top[px], wy1 * bot[px]) > T) << (px & 63);
+}
+
 __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v, int64_t n, float bound,
                                                                   float* out, int64_t count) {
   const __m512 b = _mm512_set1_ps(bound);
@@ -114,6 +177,8 @@ __attribute__((target("avx512f"))) bool max_scan_avx512(const float* v, int64_t 
 struct Dispatch {
   MaxScanFn scan = max_scan_scalar;
   AppendGreaterFn append = append_greater_scalar;
+  ThresholdRowFn threshold = threshold_row_scalar;
+  InterpRowFn interp = interp_row_scalar;
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
@@ -121,9 +186,13 @@ struct Dispatch {
     if (__builtin_cpu_supports("avx512f")) {
       scan = max_scan_avx512;
       append = append_greater_avx512;
+      threshold = threshold_row_avx512;
+      interp = interp_row_avx512;
       name = "avx512";
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       scan = max_scan_avx2;
+      threshold = threshold_row_avx2;
+      interp = interp_row_avx2;
       name = "avx2";
     }
 #endif
@@ -139,6 +208,8 @@ const Dispatch& dispatch() {
 
 MaxScanFn max_scan_kernel() { return dispatch().scan; }
 AppendGreaterFn append_greater() { return dispatch().append; }
+ThresholdRowFn threshold_row_bits() { return dispatch().threshold; }
+InterpRowFn interp_row() { return dispatch().interp; }
 const char* cpu_isa_name() { return dispatch().name; }
 
 }  // namespace ndf

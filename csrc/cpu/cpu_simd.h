@@ -7,4 +7,17 @@ namespace ndf {
 using AppendGreaterFn = int64_t (*)(const float* v, int64_t n, float bound, float* out, int64_t count);
 AppendGreaterFn append_greater();
 
+// Sets bit px of `bits` to (fma(wy0, top[px], wy1 * bot[px]) > T) for px in
+// [xa, xb) -- the arithmetic of lerp_y in ndf/interp.h -- and clears the other
+// bits of the words it touches.
+using ThresholdRowFn = void (*)(const float* top, const float* bot, float wy0, float wy1, float T, int64_t xa,
+                                int64_t xb, uint64_t* bits);
+ThresholdRowFn threshold_row_bits();
+
+// out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one
+// source row upsampled along x (lerp_x of ndf/interp.h).
+using InterpRowFn = void (*)(const float* row, const int32_t* x0, const int32_t* x1, const float* wx0,
+                             const float* wx1, int64_t n, float* out);
+InterpRowFn interp_row();
+
 }  // namespace ndf

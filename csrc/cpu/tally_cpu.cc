@@ -13,25 +13,12 @@
 #include <vector>
 
 #include "ndf/quantile.h"
+#include "cpu_simd.h"
 #include "ndf/label_prep.h"
 #include "ndf/tally.h"
 
 namespace ndf {
 namespace {
-
-#define NDF_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-
-// One source row interpolated along x for every output column.
-NDF_CLONES void interp_row(const float* row, const int32_t* x0, const int32_t* x1, const float* wx0,
-                           const float* wx1, int64_t sw, float* out) {
-  for (int64_t px = 0; px < sw; ++px) out[px] = fmaf(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
-}
-
-// mask[px] = (output pixel value > T) for px in [xa, xb), same arithmetic as lerp_y.
-NDF_CLONES void threshold_row(const float* top, const float* bot, float wy0, float wy1, float T,
-                              int64_t xa, int64_t xb, uint8_t* mask) {
-  for (int64_t px = xa; px < xb; ++px) mask[px] = fmaf(wy0, top[px], wy1 * bot[px]) > T;
-}
 
 struct Geometry {
   int64_t mh, mw, sh, sw;
@@ -43,12 +30,13 @@ struct Geometry {
 
 struct Scratch {
   std::vector<float> map, hrows;
-  std::vector<uint8_t> hdone, mask;
+  std::vector<int64_t> hlo, hhi;  // per source row: columns [lo, hi) of hrows are valid
+  std::vector<uint64_t> bits;
   std::vector<int64_t> cnt;
   std::vector<int32_t> touched;
   Scratch(const Geometry& g, int64_t max_sets)
-      : map(size_t(g.mh * g.mw)), hrows(size_t(g.mh * g.sw)), hdone(size_t(g.mh)),
-        mask(size_t(g.sw)), cnt(size_t(max_sets), 0) {
+      : map(size_t(g.mh * g.mw)), hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
+        bits(size_t(g.sw / 64 + 2)), cnt(size_t(max_sets), 0) {
     touched.reserve(size_t(max_sets));
   }
 };
@@ -65,26 +53,29 @@ const float* load_map(const ActivationView& a, int64_t b, int64_t k, float* scra
   }
 }
 
-// Counts one unit over the whole batch. Returns false (and sets `bad`) on a
+// Counts one (image b, unit k) map. Returns false (and sets `bad`) on a
 // non-finite activation.
 template <DType D>
-bool tally_unit(int64_t k, const ActivationView& a, float T, const LabelBatchView& lb,
+bool tally_map(int64_t b, int64_t k, const ActivationView& a, float T, const LabelBatchView& lb,
                 const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule,
                 TallyCounts out, Scratch& sc, TallyStatus& bad) {
   const MaxScanFn scan = max_scan_kernel();
+  const ThresholdRowFn threshold_row = threshold_row_bits();
+  const InterpRowFn interp = interp_row();
   const int64_t L = space.num_labels, C = space.num_categories, sw = g.sw;
   int64_t* Ik = out.intersection + k * L;
   int64_t* Ak = out.cat_activation + k * C;
-  for (int64_t b = 0; b < a.batch; ++b) {
+  {
     const float* m = load_map<D>(a, b, k, sc.map.data());
     float mx, mn;
     if (!scan(m, a.map_size, &mx, &mn)) {
       bad = TallyStatus{TallyStatus::NonFinite, b, k, 0};
       return false;
     }
-    if (interp_upper_bound(mx, std::max(mx, -mn)) <= T) continue;  // no pixel can exceed T
+    if (interp_upper_bound(mx, std::max(mx, -mn)) <= T) return true;  // no pixel can exceed T
 
-    std::fill(sc.hdone.begin(), sc.hdone.end(), uint8_t(0));
+    std::fill(sc.hlo.begin(), sc.hlo.end(), int64_t(0));
+    std::fill(sc.hhi.begin(), sc.hhi.end(), int64_t(0));
     const uint16_t* ps = lb.pixel_sets + b * g.sh * sw;
     const uint16_t* re = info.run_end.data() + b * g.sh * sw;
     int64_t M = 0;
@@ -102,40 +93,50 @@ bool tally_unit(int64_t k, const ActivationView& a, float T, const LabelBatchVie
         }
       }
       if (xa < 0) continue;
-      for (int32_t src : {ys.i0, ys.i1}) {
-        if (!sc.hdone[size_t(src)]) {
-          interp_row(m + int64_t(src) * g.mw, g.x0.data(), g.x1.data(), g.wx0.data(), g.wx1.data(), sw,
-                     sc.hrows.data() + int64_t(src) * sw);
-          sc.hdone[size_t(src)] = 1;
+      for (int32_t src : {ys.i0, ys.i1}) {  // upsample along x only the columns needed
+        int64_t& lo = sc.hlo[size_t(src)];
+        int64_t& hi = sc.hhi[size_t(src)];
+        if (xa < lo || xb > hi) {
+          interp(m + int64_t(src) * g.mw, g.x0.data() + xa, g.x1.data() + xa, g.wx0.data() + xa,
+                 g.wx1.data() + xa, xb - xa, sc.hrows.data() + int64_t(src) * sw + xa);
+          if (xb < lo || xa > hi || lo >= hi) {
+            lo = xa;
+            hi = xb;
+          } else {
+            lo = std::min(lo, xa);
+            hi = std::max(hi, xb);
+          }
         }
       }
       const float* top = sc.hrows.data() + int64_t(ys.i0) * sw;
       const float* bot = sc.hrows.data() + int64_t(ys.i1) * sw;
-      uint8_t* mask = sc.mask.data();
+      uint64_t* bits = sc.bits.data();
       for (int32_t py = ys.start; py < ys.end; ++py) {
-        threshold_row(top, bot, g.yw[size_t(py)].w0, g.yw[size_t(py)].w1, T, xa, xb, mask);
+        threshold_row(top, bot, g.yw[size_t(py)].w0, g.yw[size_t(py)].w1, T, xa, xb, bits);
         const uint16_t* prow = ps + int64_t(py) * sw;
         const uint16_t* rrow = re + int64_t(py) * sw;
-        int64_t p = xa;
-        while (p < xb) {
-          if (!mask[p]) {
-            ++p;
-            continue;
-          }
-          int64_t q = p + 1;
-          while (q < xb && mask[q]) ++q;
-          M += q - p;
-          while (p < q) {  // split the mask run at label-set boundaries
-            const int64_t r = std::min<int64_t>(rrow[p], q);
-            const uint16_t s = prow[p];
-            if (sc.cnt[s] == 0) sc.touched.push_back(s);
-            sc.cnt[s] += r - p;
-            p = r;
+        for (int64_t wi = xa >> 6; wi <= (xb - 1) >> 6; ++wi) {
+          uint64_t w = bits[wi];
+          while (w) {  // each run of set bits is a run of mask pixels
+            const int s0 = __builtin_ctzll(w);
+            const uint64_t rest = ~(w >> s0);
+            const int len = rest ? __builtin_ctzll(rest) : 64 - s0;
+            int64_t p = wi * 64 + s0;
+            const int64_t q = p + len;
+            M += len;
+            while (p < q) {  // split the mask run at label-set boundaries
+              const int64_t r = std::min<int64_t>(rrow[p], q);
+              const uint16_t s = prow[p];
+              if (sc.cnt[s] == 0) sc.touched.push_back(s);
+              sc.cnt[s] += r - p;
+              p = r;
+            }
+            w = (s0 + len >= 64) ? 0 : (w & (~0ull << (s0 + len)));
           }
         }
       }
     }
-    if (M == 0) continue;
+    if (M == 0) return true;
     uint32_t overlap = 0;
     const int64_t s0 = lb.set_start[b];
     for (int32_t s : sc.touched) {
@@ -173,7 +174,10 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
     g.wx0.push_back(w.w0);
     g.wx1.push_back(w.w1);
   }
-  BatchLabels info;
+  // Reused across calls: fresh multi-megabyte buffers every batch cost page faults.
+  // (A reference, so OpenMP threads see the caller's buffers, not their own.)
+  static thread_local BatchLabels cache;
+  BatchLabels& info = cache;
   TallyStatus st = prepare_labels(lb, space, threads, info);
   if (st.code != TallyStatus::Ok) return st;
 
@@ -183,15 +187,14 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   {
     Scratch sc(g, std::max<int64_t>(info.max_sets, 1));
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t k = 0; k < K; ++k) {
-      TallyStatus b;
-      if (!tally_unit<D>(k, a, thresholds[k], lb, space, info, g, cfg.rule, out, sc, b)) {
-        if (my_bad.code == TallyStatus::Ok || b.image < my_bad.image ||
-            (b.image == my_bad.image && b.unit < my_bad.unit))
-          my_bad = b;
-      }
-    }
+    // Each thread owns a range of units (their rows of I and A have one writer)
+    // and walks the images in order, so one image's labels stay in cache while
+    // all its units are counted.
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
+    for (int64_t b = 0; b < a.batch && my_bad.code == TallyStatus::Ok; ++b)
+      for (int64_t k = k0; k < k1; ++k)
+        if (!tally_map<D>(b, k, a, thresholds[k], lb, space, info, g, cfg.rule, out, sc, my_bad)) break;
   }
   for (const TallyStatus& b : bad)
     if (b.code != TallyStatus::Ok &&
