@@ -7,31 +7,11 @@
 
 #include "ndf/quantile.h"
 #include "ndf/tally.h"
+#include "views.h"
 
 namespace py = pybind11;
 using namespace ndf;
-
-namespace {
-
-template <class T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-ActivationView activation_view(uintptr_t data, int dtype, int64_t batch, int64_t units, int64_t map_size,
-                               int64_t stride_batch, int64_t stride_unit) {
-  ActivationView v;
-  v.data = ptr<const void>(data);
-  v.dtype = DType(dtype);
-  v.batch = batch;
-  v.units = units;
-  v.map_size = map_size;
-  v.stride_batch = stride_batch;
-  v.stride_unit = stride_unit;
-  return v;
-}
-
-}  // namespace
+using namespace ndf::bindings;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "netdissect_fast CPU kernels (C++17 + OpenMP)";
@@ -79,27 +59,9 @@ PYBIND11_MODULE(_C, m) {
          int64_t seg_w, uintptr_t primary_category, int64_t num_labels, int num_categories, int rule,
          int upsample, py::tuple rf, uintptr_t intersection, uintptr_t cat_activation, uintptr_t label_pixels,
          int threads) {
-        LabelBatchView lb;
-        lb.pixel_sets = ptr<const uint16_t>(labels[0].cast<uintptr_t>());
-        lb.set_start = ptr<const int64_t>(labels[1].cast<uintptr_t>());
-        lb.set_label_start = ptr<const int64_t>(labels[2].cast<uintptr_t>());
-        lb.set_labels = ptr<const int32_t>(labels[3].cast<uintptr_t>());
-        lb.set_pixels = ptr<const int64_t>(labels[4].cast<uintptr_t>());
-        lb.image_label_start = ptr<const int64_t>(labels[5].cast<uintptr_t>());
-        lb.image_labels = ptr<const int32_t>(labels[6].cast<uintptr_t>());
-        lb.batch = batch;
-        lb.seg_h = seg_h;
-        lb.seg_w = seg_w;
+        const LabelBatchView lb = label_view(labels, batch, seg_h, seg_w);
         LabelSpace space{num_labels, num_categories, ptr<const int16_t>(primary_category)};
-        TallyConfig cfg;
-        cfg.rule = Rule(rule);
-        cfg.upsample.mode = Upsample(upsample);
-        cfg.upsample.stride_y = rf[0].cast<float>();
-        cfg.upsample.stride_x = rf[1].cast<float>();
-        cfg.upsample.offset_y = rf[2].cast<float>();
-        cfg.upsample.offset_x = rf[3].cast<float>();
-        cfg.map_h = map_h;
-        cfg.map_w = map_w;
+        const TallyConfig cfg = tally_config(rule, upsample, rf, map_h, map_w);
         TallyCounts out{ptr<int64_t>(intersection), ptr<int64_t>(cat_activation), ptr<int64_t>(label_pixels)};
         const ActivationView a =
             activation_view(data, dtype, batch, units, map_h * map_w, stride_batch, stride_unit);
@@ -108,6 +70,6 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release release;
           st = tally_cpu(a, ptr<const float>(thresholds), lb, space, cfg, out, threads);
         }
-        return py::make_tuple(st.code, st.image, st.unit, st.value);
+        return status_tuple(st);
       });
 }

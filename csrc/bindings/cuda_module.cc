@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include "ndf/cuda_backend.h"
+#include "views.h"
 
 #ifndef NDF_CUDA_ARCHS
 #define NDF_CUDA_ARCHS ""
@@ -14,14 +15,10 @@
 
 namespace py = pybind11;
 using namespace ndf;
+using namespace ndf::bindings;
 using namespace ndf::cuda;
 
 namespace {
-
-template <class T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
 
 std::vector<int> parse_archs() {
   std::vector<int> out;
@@ -60,21 +57,16 @@ PYBIND11_MODULE(NDF_CUDA_MODULE_NAME, m) {
   m.attr("emulated") = false;
 #endif
 
-  py::class_<TailQuantileCUDA>(m, "TailQuantile")
+  // module_local: _cuda and _cuda_emu bind the same C++ types and may both be loaded.
+  py::class_<TailQuantileCUDA>(m, "TailQuantile", py::module_local())
       .def(py::init<int64_t, int64_t>(), py::arg("units"), py::arg("keep"))
       .def_property_readonly("units", &TailQuantileCUDA::units)
       .def_property_readonly("keep", &TailQuantileCUDA::keep)
       .def("update",
            [](TailQuantileCUDA& self, uintptr_t data, int dtype, int64_t batch, int64_t units, int64_t map_size,
               int64_t stride_batch, int64_t stride_unit, uintptr_t maxima, uintptr_t stream) {
-             ActivationView v;
-             v.data = ptr<const void>(data);
-             v.dtype = DType(dtype);
-             v.batch = batch;
-             v.units = units;
-             v.map_size = map_size;
-             v.stride_batch = stride_batch;
-             v.stride_unit = stride_unit;
+             const ActivationView v =
+                 activation_view(data, dtype, batch, units, map_size, stride_batch, stride_unit);
              BadValue bad;
              {
                py::gil_scoped_release release;
@@ -100,7 +92,7 @@ PYBIND11_MODULE(NDF_CUDA_MODULE_NAME, m) {
         return out;
       });
 
-  py::class_<DeviceCounts>(m, "DeviceCounts")
+  py::class_<DeviceCounts>(m, "DeviceCounts", py::module_local())
       .def(py::init<int64_t, int64_t, int64_t>())
       .def("download", [](const DeviceCounts& self, uintptr_t I, uintptr_t A) {
         self.download(ptr<int64_t>(I), ptr<int64_t>(A));
@@ -115,41 +107,17 @@ PYBIND11_MODULE(NDF_CUDA_MODULE_NAME, m) {
          int64_t stride_batch, int64_t stride_unit, uintptr_t thresholds, py::tuple labels, int64_t seg_h,
          int64_t seg_w, uintptr_t primary_category, int64_t num_labels, int num_categories, int rule,
          int upsample, py::tuple rf, DeviceCounts& counts, uintptr_t label_pixels, uintptr_t stream) {
-        LabelBatchView lb;
-        lb.pixel_sets = ptr<const uint16_t>(labels[0].cast<uintptr_t>());
-        lb.set_start = ptr<const int64_t>(labels[1].cast<uintptr_t>());
-        lb.set_label_start = ptr<const int64_t>(labels[2].cast<uintptr_t>());
-        lb.set_labels = ptr<const int32_t>(labels[3].cast<uintptr_t>());
-        lb.set_pixels = ptr<const int64_t>(labels[4].cast<uintptr_t>());
-        lb.image_label_start = ptr<const int64_t>(labels[5].cast<uintptr_t>());
-        lb.image_labels = ptr<const int32_t>(labels[6].cast<uintptr_t>());
-        lb.batch = batch;
-        lb.seg_h = seg_h;
-        lb.seg_w = seg_w;
+        const LabelBatchView lb = label_view(labels, batch, seg_h, seg_w);
         LabelSpace space{num_labels, num_categories, ptr<const int16_t>(primary_category)};
-        TallyConfig cfg;
-        cfg.rule = Rule(rule);
-        cfg.upsample.mode = Upsample(upsample);
-        cfg.upsample.stride_y = rf[0].cast<float>();
-        cfg.upsample.stride_x = rf[1].cast<float>();
-        cfg.upsample.offset_y = rf[2].cast<float>();
-        cfg.upsample.offset_x = rf[3].cast<float>();
-        cfg.map_h = map_h;
-        cfg.map_w = map_w;
-        ActivationView a;
-        a.data = ptr<const void>(data);
-        a.dtype = DType(dtype);
-        a.batch = batch;
-        a.units = units;
-        a.map_size = map_h * map_w;
-        a.stride_batch = stride_batch;
-        a.stride_unit = stride_unit;
+        const TallyConfig cfg = tally_config(rule, upsample, rf, map_h, map_w);
+        const ActivationView a =
+            activation_view(data, dtype, batch, units, map_h * map_w, stride_batch, stride_unit);
         TallyStatus st;
         {
           py::gil_scoped_release release;
           st = tally_cuda(a, ptr<const float>(thresholds), lb, space, cfg, counts, ptr<int64_t>(label_pixels),
                           stream);
         }
-        return py::make_tuple(st.code, st.image, st.unit, st.value);
+        return status_tuple(st);
       });
 }

@@ -37,6 +37,30 @@ int64_t append_greater_scalar(const float* v, int64_t n, float bound, float* out
   return count;
 }
 
+int64_t first_bad_map(const float* base, int64_t count, int64_t stride, int64_t n) {
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      if (!std::isfinite(base[i * stride + j])) return i;
+  return -1;
+}
+
+int64_t scan_maps_scalar(const float* base, int64_t count, int64_t stride, int64_t n, float* mx, float* amax) {
+  float poison = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float* v = base + i * stride;
+    float m = -INFINITY, a = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      m = v[j] > m ? v[j] : m;
+      const float x = std::fabs(v[j]);
+      a = x > a ? x : a;
+      poison += v[j] * 0.0f;
+    }
+    mx[i] = m;
+    amax[i] = a;
+  }
+  return poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
+}
+
 void clear_words(int64_t xa, int64_t xb, uint64_t* bits) {
   for (int64_t w = xa >> 6; w <= (xb - 1) >> 6; ++w) bits[w] = 0;
 }
@@ -61,6 +85,73 @@ void interp_row_scalar(const float* row, const int32_t* x0, const int32_t* x1, c
 }
 
 #ifdef NDF_X86
+__attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, int64_t count, int64_t stride,
+                                                            int64_t n, float* mx, float* amax) {
+  const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(-INFINITY);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512 poison = zero;
+  const int64_t full = n & ~int64_t(15);
+  const __mmask16 tail = __mmask16((1u << (n - full)) - 1u);
+  for (int64_t i = 0; i < count; ++i) {
+    const float* v = base + i * stride;
+    __m512 m = ninf, a = zero;
+    for (int64_t j = 0; j < full; j += 16) {
+      const __m512 x = _mm512_loadu_ps(v + j);
+      m = _mm512_max_ps(m, x);
+      a = _mm512_max_ps(a, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs_mask)));
+      poison = _mm512_fmadd_ps(x, zero, poison);
+    }
+    if (tail) {
+      const __m512 x = _mm512_maskz_loadu_ps(tail, v + full);
+      m = _mm512_mask_max_ps(m, tail, m, x);
+      a = _mm512_max_ps(a, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs_mask)));
+      poison = _mm512_fmadd_ps(x, zero, poison);
+    }
+    mx[i] = _mm512_reduce_max_ps(m);
+    amax[i] = _mm512_reduce_max_ps(a);
+  }
+  return _mm512_reduce_add_ps(poison) == 0.0f ? -1 : first_bad_map(base, count, stride, n);
+}
+
+__attribute__((target("avx2,fma"))) int64_t scan_maps_avx2(const float* base, int64_t count, int64_t stride,
+                                                          int64_t n, float* mx, float* amax) {
+  const __m256 zero = _mm256_setzero_ps(), ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 poison = zero;
+  float tail_poison = 0.0f;
+  const int64_t full = n & ~int64_t(7);
+  for (int64_t i = 0; i < count; ++i) {
+    const float* v = base + i * stride;
+    __m256 m = ninf, a = zero;
+    for (int64_t j = 0; j < full; j += 8) {
+      const __m256 x = _mm256_loadu_ps(v + j);
+      m = _mm256_max_ps(m, x);
+      a = _mm256_max_ps(a, _mm256_and_ps(x, abs_mask));
+      poison = _mm256_fmadd_ps(x, zero, poison);
+    }
+    alignas(32) float m8[8], a8[8];
+    _mm256_store_ps(m8, m);
+    _mm256_store_ps(a8, a);
+    float mm = m8[0], aa = a8[0];
+    for (int j = 1; j < 8; ++j) {
+      mm = m8[j] > mm ? m8[j] : mm;
+      aa = a8[j] > aa ? a8[j] : aa;
+    }
+    for (int64_t j = full; j < n; ++j) {
+      mm = v[j] > mm ? v[j] : mm;
+      const float x = std::fabs(v[j]);
+      aa = x > aa ? x : aa;
+      tail_poison += v[j] * 0.0f;
+    }
+    mx[i] = mm;
+    amax[i] = aa;
+  }
+  alignas(32) float p8[8];
+  _mm256_store_ps(p8, poison);
+  for (float p : p8) tail_poison += p;
+  return tail_poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
+}
+
 // Same loop compiled for FMA hardware: std::fma becomes one instruction (the
 // baseline build calls libm's correctly rounded fmaf instead).
 __attribute__((target("avx512f"))) void interp_row_avx512(const float* row, const int32_t* x0, const int32_t* x1,
@@ -179,6 +270,7 @@ struct Dispatch {
   AppendGreaterFn append = append_greater_scalar;
   ThresholdRowFn threshold = threshold_row_scalar;
   InterpRowFn interp = interp_row_scalar;
+  ScanMapsFn maps = scan_maps_scalar;
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
@@ -188,11 +280,13 @@ struct Dispatch {
       append = append_greater_avx512;
       threshold = threshold_row_avx512;
       interp = interp_row_avx512;
+      maps = scan_maps_avx512;
       name = "avx512";
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       scan = max_scan_avx2;
       threshold = threshold_row_avx2;
       interp = interp_row_avx2;
+      maps = scan_maps_avx2;
       name = "avx2";
     }
 #endif
@@ -210,6 +304,7 @@ MaxScanFn max_scan_kernel() { return dispatch().scan; }
 AppendGreaterFn append_greater() { return dispatch().append; }
 ThresholdRowFn threshold_row_bits() { return dispatch().threshold; }
 InterpRowFn interp_row() { return dispatch().interp; }
+ScanMapsFn scan_maps() { return dispatch().maps; }
 const char* cpu_isa_name() { return dispatch().name; }
 
 }  // namespace ndf

@@ -7,6 +7,13 @@ namespace ndf {
 using AppendGreaterFn = int64_t (*)(const float* v, int64_t n, float bound, float* out, int64_t count);
 AppendGreaterFn append_greater();
 
+// For `count` maps of n floats at base + i * stride: the maximum (mx[i]) and the
+// largest magnitude (amax[i]) of each. Returns the index of the first map holding
+// a NaN or an infinity, or -1 (then every output is valid).
+using ScanMapsFn = int64_t (*)(const float* base, int64_t count, int64_t stride, int64_t n, float* mx,
+                               float* amax);
+ScanMapsFn scan_maps();
+
 // Sets bit px of `bits` to (fma(wy0, top[px], wy1 * bot[px]) > T) for px in
 // [xa, xb) -- the arithmetic of lerp_y in ndf/interp.h -- and clears the other
 // bits of the words it touches.

@@ -10,6 +10,7 @@
 
 #include "ndf/quantile.h"
 #include "cpu_simd.h"
+#include "map_range.h"
 
 namespace ndf {
 
@@ -51,43 +52,32 @@ void TailQuantileCPU::insert(int64_t unit, const float* values, int64_t count) {
 namespace {
 
 template <DType D>
-const float* map_as_float(const void* base, int64_t offset, int64_t n, float* scratch) {
-  using T = typename Elem<D>::T;
-  const T* p = static_cast<const T*>(base) + offset;
-  if constexpr (D == DType::F32) {
-    return p;
-  } else {
-    for (int64_t i = 0; i < n; ++i) scratch[i] = Elem<D>::load(p, i);
-    return scratch;
-  }
-}
-
-template <DType D>
 BadValue scan_batch(TailQuantileCPU& self, const ActivationView& a, float* maxima, int threads) {
-  const MaxScanFn scan = max_scan_kernel();
+  const ScanMapsFn scan = scan_maps();
   const int64_t K = a.units, B = a.batch, n = a.map_size;
   std::vector<BadValue> bad(size_t(std::max(threads, 1)));
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
-    std::vector<float> scratch(static_cast<size_t>(n));
+    std::vector<float> scratch(D == DType::F32 ? 0 : static_cast<size_t>((k1 - k0) * n));
+    std::vector<float> mx(static_cast<size_t>(k1 - k0)), amax(static_cast<size_t>(k1 - k0));
     BadValue& my_bad = bad[size_t(t)];
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const float* v = map_as_float<D>(a.data, b * a.stride_batch + k * a.stride_unit, n,
-                                         scratch.data());
-        float mx, mn;
-        if (!scan(v, n, &mx, &mn)) {
-          if (my_bad.unit < 0 || b < my_bad.batch_index) {
-            int64_t pos = 0;
-            while (pos < n && std::isfinite(v[pos])) ++pos;
-            my_bad = BadValue{k, b, pos};
-          }
-          continue;
-        }
-        if (maxima) maxima[b * K + k] = mx;
-        if (mx > self.bound(k)) self.offer(k, v, n);
+    for (int64_t b = 0; b < B && k1 > k0; ++b) {
+      int64_t stride;
+      const float* base = unit_range_as_float<D>(a, b, k0, k1, scratch.data(), &stride);
+      const int64_t first = scan(base, k1 - k0, stride, n, mx.data(), amax.data());
+      if (first >= 0) {
+        const float* v = base + first * stride;
+        int64_t pos = 0;
+        while (pos < n && std::isfinite(v[pos])) ++pos;
+        my_bad = BadValue{k0 + first, b, pos};
+        break;
+      }
+      for (int64_t i = 0; i < k1 - k0; ++i) {
+        const int64_t k = k0 + i;
+        if (maxima) maxima[b * K + k] = mx[size_t(i)];
+        if (mx[size_t(i)] > self.bound(k)) self.offer(k, base + i * stride, n);
       }
     }
   }

@@ -15,6 +15,7 @@
 #include "ndf/quantile.h"
 #include "cpu_simd.h"
 #include "ndf/label_prep.h"
+#include "map_range.h"
 #include "ndf/tally.h"
 
 namespace ndf {
@@ -41,39 +42,17 @@ struct Scratch {
   }
 };
 
-template <DType D>
-const float* load_map(const ActivationView& a, int64_t b, int64_t k, float* scratch) {
-  using T = typename Elem<D>::T;
-  const T* p = static_cast<const T*>(a.data) + b * a.stride_batch + k * a.stride_unit;
-  if constexpr (D == DType::F32) {
-    return p;
-  } else {
-    for (int64_t i = 0; i < a.map_size; ++i) scratch[i] = Elem<D>::load(p, i);
-    return scratch;
-  }
-}
-
-// Counts one (image b, unit k) map. Returns false (and sets `bad`) on a
-// non-finite activation.
-template <DType D>
-bool tally_map(int64_t b, int64_t k, const ActivationView& a, float T, const LabelBatchView& lb,
+// Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
+// exceed T somewhere.
+void count_map(int64_t b, int64_t k, const float* m, float T, const LabelBatchView& lb,
                 const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule,
-                TallyCounts out, Scratch& sc, TallyStatus& bad) {
-  const MaxScanFn scan = max_scan_kernel();
+                TallyCounts out, Scratch& sc) {
   const ThresholdRowFn threshold_row = threshold_row_bits();
   const InterpRowFn interp = interp_row();
   const int64_t L = space.num_labels, C = space.num_categories, sw = g.sw;
   int64_t* Ik = out.intersection + k * L;
   int64_t* Ak = out.cat_activation + k * C;
   {
-    const float* m = load_map<D>(a, b, k, sc.map.data());
-    float mx, mn;
-    if (!scan(m, a.map_size, &mx, &mn)) {
-      bad = TallyStatus{TallyStatus::NonFinite, b, k, 0};
-      return false;
-    }
-    if (interp_upper_bound(mx, std::max(mx, -mn)) <= T) return true;  // no pixel can exceed T
-
     std::fill(sc.hlo.begin(), sc.hlo.end(), int64_t(0));
     std::fill(sc.hhi.begin(), sc.hhi.end(), int64_t(0));
     const uint16_t* ps = lb.pixel_sets + b * g.sh * sw;
@@ -136,7 +115,7 @@ bool tally_map(int64_t b, int64_t k, const ActivationView& a, float T, const Lab
         }
       }
     }
-    if (M == 0) return true;
+    if (M == 0) return;
     uint32_t overlap = 0;
     const int64_t s0 = lb.set_start[b];
     for (int32_t s : sc.touched) {
@@ -153,7 +132,6 @@ bool tally_map(int64_t b, int64_t k, const ActivationView& a, float T, const Lab
     for (int32_t c = 0; cats; ++c, cats >>= 1)
       if (cats & 1u) Ak[c] += M;
   }
-  return true;
 }
 
 template <DType D>
@@ -187,14 +165,28 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   {
     Scratch sc(g, std::max<int64_t>(info.max_sets, 1));
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
+    const ScanMapsFn scan = scan_maps();
     // Each thread owns a range of units (their rows of I and A have one writer)
     // and walks the images in order, so one image's labels stay in cache while
     // all its units are counted.
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
-    for (int64_t b = 0; b < a.batch && my_bad.code == TallyStatus::Ok; ++b)
-      for (int64_t k = k0; k < k1; ++k)
-        if (!tally_map<D>(b, k, a, thresholds[k], lb, space, info, g, cfg.rule, out, sc, my_bad)) break;
+    std::vector<float> conv(D == DType::F32 ? 0 : static_cast<size_t>((k1 - k0) * a.map_size));
+    std::vector<float> mx(static_cast<size_t>(k1 - k0)), amax(static_cast<size_t>(k1 - k0));
+    for (int64_t b = 0; b < a.batch && k1 > k0; ++b) {
+      int64_t stride;
+      const float* base = unit_range_as_float<D>(a, b, k0, k1, conv.data(), &stride);
+      const int64_t first = scan(base, k1 - k0, stride, a.map_size, mx.data(), amax.data());
+      if (first >= 0) {
+        my_bad = TallyStatus{TallyStatus::NonFinite, b, k0 + first, 0};
+        break;
+      }
+      for (int64_t i = 0; i < k1 - k0; ++i) {
+        const float T = thresholds[k0 + i];
+        if (interp_upper_bound(mx[size_t(i)], amax[size_t(i)]) <= T) continue;  // no pixel can exceed T
+        count_map(b, k0 + i, base + i * stride, T, lb, space, info, g, cfg.rule, out, sc);
+      }
+    }
   }
   for (const TallyStatus& b : bad)
     if (b.code != TallyStatus::Ok &&
