@@ -61,22 +61,16 @@ int64_t scan_maps_scalar(const float* base, int64_t count, int64_t stride, int64
   return poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
 }
 
-void clear_words(int64_t xa, int64_t xb, uint64_t* bits) {
-  for (int64_t w = xa >> 6; w <= (xb - 1) >> 6; ++w) bits[w] = 0;
-}
-
-// ORs `n` mask bits (n <= 16) into the bit array at bit offset px.
-inline void put_bits(uint64_t* bits, int64_t px, uint64_t m) {
-  const int sh = int(px & 63);
-  bits[px >> 6] |= m << sh;
-  if (sh > 48) bits[(px >> 6) + 1] |= m >> (64 - sh);
-}
-
 void threshold_row_scalar(const float* top, const float* bot, float wy0, float wy1, float T, int64_t xa,
-                          int64_t xb, uint64_t* bits) {
-  clear_words(xa, xb, bits);
-  for (int64_t px = xa; px < xb; ++px)
-    bits[px >> 6] |= uint64_t(std::fma(wy0, top[px], wy1 * bot[px]) > T) << (px & 63);
+                          int64_t xb, uint16_t* chunks) {
+  for (int64_t c = 0; xa + 16 * c < xb; ++c) {
+    uint32_t m = 0;
+    for (int64_t i = 0; i < 16 && xa + 16 * c + i < xb; ++i) {
+      const int64_t px = xa + 16 * c + i;
+      m |= uint32_t(std::fma(wy0, top[px], wy1 * bot[px]) > T) << i;
+    }
+    chunks[c] = uint16_t(m);
+  }
 }
 
 void interp_row_scalar(const float* row, const int32_t* x0, const int32_t* x1, const float* wx0,
@@ -167,29 +161,30 @@ __attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, const
 
 __attribute__((target("avx512f"))) void threshold_row_avx512(const float* top, const float* bot, float wy0,
                                                             float wy1, float T, int64_t xa, int64_t xb,
-                                                            uint64_t* bits) {
-  clear_words(xa, xb, bits);
+                                                            uint16_t* chunks) {
   const __m512 a = _mm512_set1_ps(wy0), b = _mm512_set1_ps(wy1), t = _mm512_set1_ps(T);
-  for (int64_t px = xa; px < xb; px += 16) {
+  for (int64_t px = xa, c = 0; px < xb; px += 16, ++c) {
     const int64_t n = xb - px < 16 ? xb - px : 16;
     const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
     const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
     const __m512 val = _mm512_fmadd_ps(a, u, _mm512_mul_ps(b, v));
-    put_bits(bits, px, _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ));
+    chunks[c] = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
   }
 }
 
 __attribute__((target("avx2,fma"))) void threshold_row_avx2(const float* top, const float* bot, float wy0,
                                                            float wy1, float T, int64_t xa, int64_t xb,
-                                                           uint64_t* bits) {
-  clear_words(xa, xb, bits);
+                                                           uint16_t* chunks) {
   const __m256 a = _mm256_set1_ps(wy0), b = _mm256_set1_ps(wy1), t = _mm256_set1_ps(T);
-  int64_t px = xa;
-  for (; px + 8 <= xb; px += 8) {
-    const __m256 val = _mm256_fmadd_ps(a, _mm256_loadu_ps(top + px), _mm256_mul_ps(b, _mm256_loadu_ps(bot + px)));
-    put_bits(bits, px, uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(val, t, _CMP_GT_OQ))));
+  int64_t c = 0, px = xa;
+  for (; px + 16 <= xb; px += 16, ++c) {
+    const __m256 lo = _mm256_fmadd_ps(a, _mm256_loadu_ps(top + px), _mm256_mul_ps(b, _mm256_loadu_ps(bot + px)));
+    const __m256 hi =
+        _mm256_fmadd_ps(a, _mm256_loadu_ps(top + px + 8), _mm256_mul_ps(b, _mm256_loadu_ps(bot + px + 8)));
+    chunks[c] = uint16_t(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_GT_OQ)) |
+                         (_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_GT_OQ)) << 8));
   }
-  for (; px < xb; ++px) bits[px >> 6] |= uint64_t(std::fma(wy0, top[px], wy1 * bot[px]) > T) << (px & 63);
+  if (px < xb) threshold_row_scalar(top, bot, wy0, wy1, T, px, xb, chunks + c);
 }
 
 __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v, int64_t n, float bound,

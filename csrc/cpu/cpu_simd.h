@@ -14,11 +14,11 @@ using ScanMapsFn = int64_t (*)(const float* base, int64_t count, int64_t stride,
                                float* amax);
 ScanMapsFn scan_maps();
 
-// Sets bit px of `bits` to (fma(wy0, top[px], wy1 * bot[px]) > T) for px in
-// [xa, xb) -- the arithmetic of lerp_y in ndf/interp.h -- and clears the other
-// bits of the words it touches.
+// Mask of one output row over columns [xa, xb): bit i of chunks[c] is
+// (fma(wy0, top[px], wy1 * bot[px]) > T) for px = xa + 16c + i -- the arithmetic
+// of lerp_y in ndf/interp.h. Whole 16-bit chunks are stored, never merged.
 using ThresholdRowFn = void (*)(const float* top, const float* bot, float wy0, float wy1, float T, int64_t xa,
-                                int64_t xb, uint64_t* bits);
+                                int64_t xb, uint16_t* chunks);
 ThresholdRowFn threshold_row_bits();
 
 // out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one

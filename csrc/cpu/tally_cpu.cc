@@ -27,24 +27,28 @@ struct Geometry {
   std::vector<Span> yspans, xspans;
   std::vector<int32_t> x0, x1;
   std::vector<float> wx0, wx1;
+  // For source column j: the first x-span reading a column >= j and the last
+  // reading a column <= j (the x-spans touching hot columns jmin..jmax).
+  std::vector<int32_t> first_span, last_span;
 };
 
 struct Scratch {
   std::vector<float> map, hrows;
   std::vector<int64_t> hlo, hhi;  // per source row: columns [lo, hi) of hrows are valid
-  std::vector<uint64_t> bits;
+  std::vector<uint16_t> chunks;
+  std::vector<uint64_t> rowbits;
   std::vector<int64_t> cnt;
   std::vector<int32_t> touched;
   Scratch(const Geometry& g, int64_t max_sets)
       : map(size_t(g.mh * g.mw)), hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
-        bits(size_t(g.sw / 64 + 2)), cnt(size_t(max_sets), 0) {
+        chunks(size_t(g.sw / 16 + 2)), rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0) {
     touched.reserve(size_t(max_sets));
   }
 };
 
 // Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
 // exceed T somewhere.
-void count_map(int64_t b, int64_t k, const float* m, float T, const LabelBatchView& lb,
+void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const LabelBatchView& lb,
                 const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule,
                 TallyCounts out, Scratch& sc) {
   const ThresholdRowFn threshold_row = threshold_row_bits();
@@ -58,20 +62,37 @@ void count_map(int64_t b, int64_t k, const float* m, float T, const LabelBatchVi
     const uint16_t* ps = lb.pixel_sets + b * g.sh * sw;
     const uint16_t* re = info.run_end.data() + b * g.sh * sw;
     int64_t M = 0;
-    for (const Span& ys : g.yspans) {
-      const float* r0 = m + int64_t(ys.i0) * g.mw;
-      const float* r1 = m + int64_t(ys.i1) * g.mw;
-      int64_t xa = -1, xb = -1;
-      for (const Span& xs : g.xspans) {
-        const float c00 = r0[xs.i0], c01 = r0[xs.i1], c10 = r1[xs.i0], c11 = r1[xs.i1];
-        const float cmax = std::max(std::max(c00, c01), std::max(c10, c11));
-        const float cmin = std::min(std::min(c00, c01), std::min(c10, c11));
-        if (interp_upper_bound(cmax, std::max(cmax, -cmin)) > T) {
-          if (xa < 0) xa = xs.start;
-          xb = xs.end;
-        }
+    // Samples that can lift a pixel above T: a cell whose four corners are all
+    // <= T - amax*2e-6 stays <= T after rounding (see interp_upper_bound).
+    const float Tm = T - amax * 2e-6f;
+    const bool narrow = g.mw <= 64;
+    if (narrow) {
+      for (int64_t i = 0; i < g.mh; ++i) {
+        const float* row = m + i * g.mw;
+        uint64_t hot = 0;
+        for (int64_t j = 0; j < g.mw; ++j) hot |= uint64_t(row[j] > Tm) << j;
+        sc.rowbits[size_t(i)] = hot;
       }
-      if (xa < 0) continue;
+    }
+    for (const Span& ys : g.yspans) {
+      int64_t xa = -1, xb = -1;
+      if (narrow) {
+        const uint64_t hot = sc.rowbits[size_t(ys.i0)] | sc.rowbits[size_t(ys.i1)];
+        if (!hot) continue;
+        xa = g.xspans[size_t(g.first_span[size_t(__builtin_ctzll(hot))])].start;
+        xb = g.xspans[size_t(g.last_span[size_t(63 - __builtin_clzll(hot))])].end;
+      } else {
+        const float* r0 = m + int64_t(ys.i0) * g.mw;
+        const float* r1 = m + int64_t(ys.i1) * g.mw;
+        for (const Span& xs : g.xspans) {
+          const float cmax = std::max(std::max(r0[xs.i0], r0[xs.i1]), std::max(r1[xs.i0], r1[xs.i1]));
+          if (cmax > Tm) {
+            if (xa < 0) xa = xs.start;
+            xb = xs.end;
+          }
+        }
+        if (xa < 0) continue;
+      }
       for (int32_t src : {ys.i0, ys.i1}) {  // upsample along x only the columns needed
         int64_t& lo = sc.hlo[size_t(src)];
         int64_t& hi = sc.hhi[size_t(src)];
@@ -89,18 +110,17 @@ void count_map(int64_t b, int64_t k, const float* m, float T, const LabelBatchVi
       }
       const float* top = sc.hrows.data() + int64_t(ys.i0) * sw;
       const float* bot = sc.hrows.data() + int64_t(ys.i1) * sw;
-      uint64_t* bits = sc.bits.data();
+      uint16_t* chunks = sc.chunks.data();
       for (int32_t py = ys.start; py < ys.end; ++py) {
-        threshold_row(top, bot, g.yw[size_t(py)].w0, g.yw[size_t(py)].w1, T, xa, xb, bits);
+        threshold_row(top, bot, g.yw[size_t(py)].w0, g.yw[size_t(py)].w1, T, xa, xb, chunks);
         const uint16_t* prow = ps + int64_t(py) * sw;
         const uint16_t* rrow = re + int64_t(py) * sw;
-        for (int64_t wi = xa >> 6; wi <= (xb - 1) >> 6; ++wi) {
-          uint64_t w = bits[wi];
+        for (int64_t c = 0; xa + 16 * c < xb; ++c) {
+          uint32_t w = chunks[c];
           while (w) {  // each run of set bits is a run of mask pixels
-            const int s0 = __builtin_ctzll(w);
-            const uint64_t rest = ~(w >> s0);
-            const int len = rest ? __builtin_ctzll(rest) : 64 - s0;
-            int64_t p = wi * 64 + s0;
+            const int s0 = __builtin_ctz(w);
+            const int len = __builtin_ctz(~(w >> s0));
+            int64_t p = xa + 16 * c + s0;
             const int64_t q = p + len;
             M += len;
             while (p < q) {  // split the mask run at label-set boundaries
@@ -110,7 +130,7 @@ void count_map(int64_t b, int64_t k, const float* m, float T, const LabelBatchVi
               sc.cnt[s] += r - p;
               p = r;
             }
-            w = (s0 + len >= 64) ? 0 : (w & (~0ull << (s0 + len)));
+            w &= ~((2u << (s0 + len - 1)) - 1u);
           }
         }
       }
@@ -146,6 +166,20 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   const std::vector<AxisWeight> xw = axis_weights(cfg.upsample, false, g.mw, g.sw);
   g.yspans = cell_spans(g.yw);
   g.xspans = cell_spans(xw);
+  g.first_span.assign(size_t(g.mw), int32_t(g.xspans.size()) - 1);
+  g.last_span.assign(size_t(g.mw), 0);
+  for (int32_t j = 0; j < int32_t(g.mw); ++j) {
+    for (int32_t s = 0; s < int32_t(g.xspans.size()); ++s)
+      if (g.xspans[size_t(s)].i1 >= j) {
+        g.first_span[size_t(j)] = s;
+        break;
+      }
+    for (int32_t s = int32_t(g.xspans.size()) - 1; s >= 0; --s)
+      if (g.xspans[size_t(s)].i0 <= j) {
+        g.last_span[size_t(j)] = s;
+        break;
+      }
+  }
   for (const AxisWeight& w : xw) {
     g.x0.push_back(w.i0);
     g.x1.push_back(w.i1);
@@ -166,25 +200,35 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
     Scratch sc(g, std::max<int64_t>(info.max_sets, 1));
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
     const ScanMapsFn scan = scan_maps();
-    // Each thread owns a range of units (their rows of I and A have one writer)
-    // and walks the images in order, so one image's labels stay in cache while
-    // all its units are counted.
+    // Each thread owns a range of units: their rows of I and A have one writer.
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
-    std::vector<float> conv(D == DType::F32 ? 0 : static_cast<size_t>((k1 - k0) * a.map_size));
-    std::vector<float> mx(static_cast<size_t>(k1 - k0)), amax(static_cast<size_t>(k1 - k0));
-    for (int64_t b = 0; b < a.batch && k1 > k0; ++b) {
-      int64_t stride;
-      const float* base = unit_range_as_float<D>(a, b, k0, k1, conv.data(), &stride);
-      const int64_t first = scan(base, k1 - k0, stride, a.map_size, mx.data(), amax.data());
-      if (first >= 0) {
-        my_bad = TallyStatus{TallyStatus::NonFinite, b, k0 + first, 0};
-        break;
+    // Images go in tiles: within a tile each unit's maps are counted back to back
+    // (its rows of I stay in cache) and the tile's labels stay in cache across units.
+    constexpr int64_t kTile = 8;
+    const int64_t R = k1 - k0;
+    std::vector<float> conv(D == DType::F32 ? 0 : static_cast<size_t>(kTile * R * a.map_size));
+    std::vector<float> mx(static_cast<size_t>(kTile * R)), amax(static_cast<size_t>(kTile * R));
+    const float* base[kTile];
+    int64_t stride[kTile];
+    for (int64_t b0 = 0; b0 < a.batch && R > 0 && my_bad.code == TallyStatus::Ok; b0 += kTile) {
+      const int64_t nb = std::min(kTile, a.batch - b0);
+      for (int64_t t = 0; t < nb; ++t) {
+        base[t] = unit_range_as_float<D>(a, b0 + t, k0, k1, conv.data() + t * R * a.map_size, &stride[t]);
+        const int64_t first = scan(base[t], R, stride[t], a.map_size, mx.data() + t * R, amax.data() + t * R);
+        if (first >= 0) {
+          my_bad = TallyStatus{TallyStatus::NonFinite, b0 + t, k0 + first, 0};
+          break;
+        }
       }
-      for (int64_t i = 0; i < k1 - k0; ++i) {
+      if (my_bad.code != TallyStatus::Ok) break;
+      for (int64_t i = 0; i < R; ++i) {
         const float T = thresholds[k0 + i];
-        if (interp_upper_bound(mx[size_t(i)], amax[size_t(i)]) <= T) continue;  // no pixel can exceed T
-        count_map(b, k0 + i, base + i * stride, T, lb, space, info, g, cfg.rule, out, sc);
+        for (int64_t t = 0; t < nb; ++t) {
+          const size_t j = size_t(t * R + i);
+          if (interp_upper_bound(mx[j], amax[j]) <= T) continue;  // no pixel can exceed T
+          count_map(b0 + t, k0 + i, base[t] + i * stride[t], T, amax[j], lb, space, info, g, cfg.rule, out, sc);
+        }
       }
     }
   }
