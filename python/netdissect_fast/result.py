@@ -105,7 +105,9 @@ class DissectionResult:
                       label_pixels=self.label_pixels, iou=self.iou, cat_activation=self.cat_activation,
                       primary_category=self.primary_category)
         if self.top is not None:
-            arrays.update(top_indices=self.top.indices, top_values=self.top.values, top_maps=self.top.maps)
+            arrays.update(top_indices=self.top.indices, top_values=self.top.values)
+            if getattr(self.top, "maps", None) is not None:
+                arrays["top_maps"] = self.top.maps
         _atomic(d / RESULT_ARRAYS, lambda f: np.savez(f, **arrays))
         _atomic(d / "tally.csv", lambda f: self._write_tally_csv(f), text=True)
         summ = self.summary(iou_threshold)
@@ -157,7 +159,8 @@ class DissectionResult:
         if "top_indices" in z.files:
             from .topimages import TopImages
             ti = z["top_indices"]
-            top = TopImages.from_state(dict(indices=ti, values=z["top_values"], maps=z["top_maps"]))
+            top = TopImages.from_state(dict(indices=ti, values=z["top_values"],
+                                            maps=z["top_maps"] if "top_maps" in z.files else None))
         return cls(z["thresholds"], z["intersection"], z["cat_activation"], z["label_pixels"], doc["categories"],
                    doc["label_names"], z["primary_category"], rule=doc.get("rule", "paper"), top=top,
                    meta=doc.get("meta"), images=doc.get("images", 0))
