@@ -142,7 +142,7 @@ def test_without_total_exact_within_budget_and_bounded_beyond():
     assert s.exact
     np.testing.assert_array_equal(s.thresholds(), numpy_thresholds(x, 0.995))
     # A budget far too small for the tail: the answer is approximate, its bound honest.
-    small = feed(ndf.QuantileSketch(2, device="cpu", memory_budget=2 * 6 * 2000), x, 50)
+    small = feed(ndf.QuantileSketch(2, device="cpu", memory_budget=2 * 8 * 2000), x, 50)
     assert not small.exact
     bound = small.rank_error_bound
     assert 0 < bound < 0.005
@@ -205,3 +205,13 @@ def test_tail_size_matches_numpy_ranks():
         for q in [0.5, 0.995, 994 / 999]:
             prev = int(np.floor(np.float64(n - 1) * q))
             assert tail_size(n, q) == n - min(prev, n - 1)
+
+
+def test_total_with_a_tail_beyond_the_budget_falls_back_with_a_bound():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((200, 2, 20, 20)).astype(np.float32)  # m = 401 per unit
+    s = feed(ndf.QuantileSketch(2, total=x.shape[0] * 400, device="cpu", memory_budget=2 * 8 * 100), x, 50)
+    assert s.keep == 100 and not s.exact
+    assert s.rank_error_bound == (401 - 100) / 80000
+    frac = (per_unit(x) > s.thresholds()[:, None]).mean(axis=1)
+    assert np.all(np.abs(frac - 0.005) <= s.rank_error_bound + 1 / 80000)

@@ -83,9 +83,10 @@ __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, i
                                                             int64_t n, float* mx, float* amax) {
   const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(-INFINITY);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512 poison = zero;
   const int64_t full = n & ~int64_t(15);
   const __mmask16 tail = __mmask16((1u << (n - full)) - 1u);
+  __mmask16 nan = 0;  // OR of per-vector NaN masks: no long floating-point dependency chain
+  bool inf = false;
   for (int64_t i = 0; i < count; ++i) {
     const float* v = base + i * stride;
     __m512 m = ninf, a = zero;
@@ -93,18 +94,19 @@ __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, i
       const __m512 x = _mm512_loadu_ps(v + j);
       m = _mm512_max_ps(m, x);
       a = _mm512_max_ps(a, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs_mask)));
-      poison = _mm512_fmadd_ps(x, zero, poison);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     }
     if (tail) {
       const __m512 x = _mm512_maskz_loadu_ps(tail, v + full);
       m = _mm512_mask_max_ps(m, tail, m, x);
       a = _mm512_max_ps(a, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs_mask)));
-      poison = _mm512_fmadd_ps(x, zero, poison);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     }
     mx[i] = _mm512_reduce_max_ps(m);
     amax[i] = _mm512_reduce_max_ps(a);
+    inf |= amax[i] == INFINITY;
   }
-  return _mm512_reduce_add_ps(poison) == 0.0f ? -1 : first_bad_map(base, count, stride, n);
+  return (nan || inf) ? first_bad_map(base, count, stride, n) : -1;
 }
 
 __attribute__((target("avx2,fma"))) int64_t scan_maps_avx2(const float* base, int64_t count, int64_t stride,
