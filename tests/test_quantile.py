@@ -215,3 +215,13 @@ def test_total_with_a_tail_beyond_the_budget_falls_back_with_a_bound():
     assert s.rank_error_bound == (401 - 100) / 80000
     frac = (per_unit(x) > s.thresholds()[:, None]).mean(axis=1)
     assert np.all(np.abs(frac - 0.005) <= s.rank_error_bound + 1 / 80000)
+
+
+@pytest.mark.parametrize("q", [0.995, 0.6])
+def test_compaction_with_heavy_ties_stays_exact(q):
+    """Values on a coarse grid (and half of them zero) make the buffers compact
+    many times with pivots equal to many values."""
+    rng = np.random.default_rng(12)
+    x = np.maximum(np.round(rng.standard_normal((1500, 2, 16, 16)) * 2) / 2, 0).astype(np.float32)
+    s = feed(ndf.QuantileSketch(2, q=q, total=x.shape[0] * 256, device="cpu"), x, 37)
+    np.testing.assert_array_equal(s.thresholds(), numpy_thresholds(x, q))

@@ -1,6 +1,9 @@
 // Runtime choice of the SIMD variant: one binary runs on any x86-64 and uses
 // AVX-512 or AVX2 where the CPU has them.
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include "cpu_simd.h"
 #include "ndf/quantile.h"
@@ -78,7 +81,53 @@ void interp_row_scalar(const float* row, const int32_t* x0, const int32_t* x1, c
   for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
 }
 
+float select_top_scalar(float* v, int64_t n, int64_t keep, float* /*tmp*/) {
+  std::nth_element(v, v + (keep - 1), v + n, std::greater<float>());
+  return v[keep - 1];
+}
+
 #ifdef NDF_X86
+// Moves the elements of v[0, n) for which `keep_first(x)` holds to the front, in
+// place, the others after them; returns how many came first.
+template <int Cmp>
+__attribute__((target("avx512f"))) inline int64_t partition_avx512(float* v, int64_t n, float pivot, float* tmp) {
+  const __m512 p = _mm512_set1_ps(pivot);
+  int64_t front = 0, back = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = __mmask16(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(live, v + i);
+    const __mmask16 first = _mm512_mask_cmp_ps_mask(live, x, p, Cmp);
+    const __mmask16 rest = __mmask16(live & ~first);
+    _mm512_mask_compressstoreu_ps(v + front, first, x);  // front <= i: only read lanes are overwritten
+    _mm512_mask_compressstoreu_ps(tmp + back, rest, x);
+    front += __builtin_popcount(unsigned(first));
+    back += __builtin_popcount(unsigned(rest));
+  }
+  std::memcpy(v + front, tmp, size_t(back) * sizeof(float));
+  return front;
+}
+
+__attribute__((target("avx512f"))) float select_top_avx512(float* v, int64_t n, int64_t keep, float* tmp) {
+  // Invariant: everything before lo is >= everything in [lo, hi) >= everything after hi;
+  // rank r (0-based, largest first) lies in [lo, hi).
+  int64_t lo = 0, hi = n;
+  const int64_t r = keep - 1;
+  while (hi - lo > 64) {
+    float a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi - 1];
+    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median of three
+    const int64_t g = partition_avx512<_CMP_GT_OQ>(v + lo, hi - lo, pivot, tmp);
+    if (r < lo + g) {
+      hi = lo + g;
+      continue;
+    }
+    const int64_t e = partition_avx512<_CMP_GE_OQ>(v + lo + g, hi - lo - g, pivot, tmp);  // == pivot
+    if (r < lo + g + e) return pivot;  // rank r falls among values equal to the pivot
+    lo += g + e;
+  }
+  std::nth_element(v + lo, v + r, v + hi, std::greater<float>());
+  return v[r];
+}
+
 __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, int64_t count, int64_t stride,
                                                             int64_t n, float* mx, float* amax) {
   const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(-INFINITY);
@@ -268,6 +317,7 @@ struct Dispatch {
   ThresholdRowFn threshold = threshold_row_scalar;
   InterpRowFn interp = interp_row_scalar;
   ScanMapsFn maps = scan_maps_scalar;
+  SelectTopFn select = select_top_scalar;
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
@@ -278,6 +328,7 @@ struct Dispatch {
       threshold = threshold_row_avx512;
       interp = interp_row_avx512;
       maps = scan_maps_avx512;
+      select = select_top_avx512;
       name = "avx512";
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       scan = max_scan_avx2;
@@ -302,6 +353,7 @@ AppendGreaterFn append_greater() { return dispatch().append; }
 ThresholdRowFn threshold_row_bits() { return dispatch().threshold; }
 InterpRowFn interp_row() { return dispatch().interp; }
 ScanMapsFn scan_maps() { return dispatch().maps; }
+SelectTopFn select_top() { return dispatch().select; }
 const char* cpu_isa_name() { return dispatch().name; }
 
 }  // namespace ndf

@@ -7,6 +7,12 @@ namespace ndf {
 using AppendGreaterFn = int64_t (*)(const float* v, int64_t n, float bound, float* out, int64_t count);
 AppendGreaterFn append_greater();
 
+// Reorders v[0, n) so that v[0, keep) holds the `keep` largest values (as a
+// multiset) and returns the smallest of them. `tmp` has room for n floats.
+// Quickselect with branch-free vector partitions where AVX-512 exists.
+using SelectTopFn = float (*)(float* v, int64_t n, int64_t keep, float* tmp);
+SelectTopFn select_top();
+
 // For `count` maps of n floats at base + i * stride: the maximum (mx[i]) and the
 // largest magnitude (amax[i]) of each. Returns the index of the first map holding
 // a NaN or an infinity, or -1 (then every output is valid).

@@ -27,11 +27,12 @@ void TailQuantileCPU::compact(int64_t unit) {
   float* v = values_.data() + unit * capacity_;
   int64_t& c = count_[unit];
   if (c <= keep_) return;
-  std::nth_element(v, v + (keep_ - 1), v + c, std::greater<float>());
+  static thread_local std::vector<float> tmp;
+  if (tmp.size() < size_t(c)) tmp.resize(size_t(capacity_));
+  // Everything kept is >= the returned value; a later value equal to it cannot
+  // change the multiset of the `keep` largest, so strict '>' filtering stays exact.
+  bound_[unit] = select_top()(v, c, keep_, tmp.data());
   c = keep_;
-  // Everything kept is >= v[keep-1]; a later value equal to it cannot change the
-  // multiset of the `keep` largest, so strict '>' filtering stays exact.
-  bound_[unit] = v[keep_ - 1];
 }
 
 void TailQuantileCPU::offer(int64_t unit, const float* v, int64_t n) {
@@ -60,24 +61,36 @@ BadValue scan_batch(TailQuantileCPU& self, const ActivationView& a, float* maxim
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
-    std::vector<float> scratch(D == DType::F32 ? 0 : static_cast<size_t>((k1 - k0) * n));
-    std::vector<float> mx(static_cast<size_t>(k1 - k0)), amax(static_cast<size_t>(k1 - k0));
+    // Images in tiles: each unit's offers for a tile come back to back, so its
+    // buffer stays in cache (as in the tally).
+    constexpr int64_t kTile = 8;
+    const int64_t R = k1 - k0;
+    std::vector<float> scratch(D == DType::F32 ? 0 : static_cast<size_t>(kTile * R * n));
+    std::vector<float> mx(static_cast<size_t>(kTile * R)), amax(static_cast<size_t>(kTile * R));
+    const float* base[kTile];
+    int64_t stride[kTile];
     BadValue& my_bad = bad[size_t(t)];
-    for (int64_t b = 0; b < B && k1 > k0; ++b) {
-      int64_t stride;
-      const float* base = unit_range_as_float<D>(a, b, k0, k1, scratch.data(), &stride);
-      const int64_t first = scan(base, k1 - k0, stride, n, mx.data(), amax.data());
-      if (first >= 0) {
-        const float* v = base + first * stride;
-        int64_t pos = 0;
-        while (pos < n && std::isfinite(v[pos])) ++pos;
-        my_bad = BadValue{k0 + first, b, pos};
-        break;
+    for (int64_t b0 = 0; b0 < B && R > 0 && my_bad.unit < 0; b0 += kTile) {
+      const int64_t nb = std::min(kTile, B - b0);
+      for (int64_t j = 0; j < nb; ++j) {
+        base[j] = unit_range_as_float<D>(a, b0 + j, k0, k1, scratch.data() + j * R * n, &stride[j]);
+        const int64_t first = scan(base[j], R, stride[j], n, mx.data() + j * R, amax.data() + j * R);
+        if (first >= 0) {
+          const float* v = base[j] + first * stride[j];
+          int64_t pos = 0;
+          while (pos < n && std::isfinite(v[pos])) ++pos;
+          my_bad = BadValue{k0 + first, b0 + j, pos};
+          break;
+        }
       }
-      for (int64_t i = 0; i < k1 - k0; ++i) {
+      if (my_bad.unit >= 0) break;
+      for (int64_t i = 0; i < R; ++i) {
         const int64_t k = k0 + i;
-        if (maxima) maxima[b * K + k] = mx[size_t(i)];
-        if (mx[size_t(i)] > self.bound(k)) self.offer(k, base + i * stride, n);
+        for (int64_t j = 0; j < nb; ++j) {
+          const float m = mx[size_t(j * R + i)];
+          if (maxima) maxima[(b0 + j) * K + k] = m;
+          if (m > self.bound(k)) self.offer(k, base[j] + i * stride[j], n);
+        }
       }
     }
   }
