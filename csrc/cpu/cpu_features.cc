@@ -81,6 +81,14 @@ void interp_row_scalar(const float* row, const int32_t* x0, const int32_t* x1, c
   for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
 }
 
+void hot_rows_scalar(const float* m, int64_t mh, int64_t mw, float t, uint64_t* rowbits) {
+  for (int64_t i = 0; i < mh; ++i) {
+    uint64_t hot = 0;
+    for (int64_t j = 0; j < mw; ++j) hot |= uint64_t(m[i * mw + j] > t) << j;
+    rowbits[i] = hot;
+  }
+}
+
 float select_top_scalar(float* v, int64_t n, int64_t keep, float* /*tmp*/) {
   std::nth_element(v, v + (keep - 1), v + n, std::greater<float>());
   return v[keep - 1];
@@ -105,6 +113,20 @@ __attribute__((target("avx512f"))) inline int64_t partition_avx512(float* v, int
   }
   std::memcpy(v + front, tmp, size_t(back) * sizeof(float));
   return front;
+}
+
+__attribute__((target("avx512f"))) void hot_rows_avx512(const float* m, int64_t mh, int64_t mw, float t,
+                                                       uint64_t* rowbits) {
+  const __m512 tv = _mm512_set1_ps(t);
+  for (int64_t i = 0; i < mh; ++i) {
+    uint64_t hot = 0;
+    for (int64_t j = 0; j < mw; j += 16) {
+      const __mmask16 live = __mmask16(mw - j >= 16 ? 0xffffu : (1u << (mw - j)) - 1u);
+      hot |= uint64_t(_mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, m + i * mw + j), tv, _CMP_GT_OQ))
+             << j;
+    }
+    rowbits[i] = hot;
+  }
 }
 
 __attribute__((target("avx512f"))) float select_top_avx512(float* v, int64_t n, int64_t keep, float* tmp) {
@@ -318,6 +340,7 @@ struct Dispatch {
   InterpRowFn interp = interp_row_scalar;
   ScanMapsFn maps = scan_maps_scalar;
   SelectTopFn select = select_top_scalar;
+  HotRowsFn hot = hot_rows_scalar;
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
@@ -329,6 +352,7 @@ struct Dispatch {
       interp = interp_row_avx512;
       maps = scan_maps_avx512;
       select = select_top_avx512;
+      hot = hot_rows_avx512;
       name = "avx512";
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       scan = max_scan_avx2;
@@ -354,6 +378,7 @@ ThresholdRowFn threshold_row_bits() { return dispatch().threshold; }
 InterpRowFn interp_row() { return dispatch().interp; }
 ScanMapsFn scan_maps() { return dispatch().maps; }
 SelectTopFn select_top() { return dispatch().select; }
+HotRowsFn hot_rows() { return dispatch().hot; }
 const char* cpu_isa_name() { return dispatch().name; }
 
 }  // namespace ndf

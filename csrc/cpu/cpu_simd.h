@@ -20,6 +20,10 @@ using ScanMapsFn = int64_t (*)(const float* base, int64_t count, int64_t stride,
                                float* amax);
 ScanMapsFn scan_maps();
 
+// rowbits[i] bit j = (m[i * mw + j] > t) for an mh x mw map, mw <= 64.
+using HotRowsFn = void (*)(const float* m, int64_t mh, int64_t mw, float t, uint64_t* rowbits);
+HotRowsFn hot_rows();
+
 // Mask of one output row over columns [xa, xb): bit i of chunks[c] is
 // (fma(wy0, top[px], wy1 * bot[px]) > T) for px = xa + 16c + i -- the arithmetic
 // of lerp_y in ndf/interp.h. Whole 16-bit chunks are stored, never merged.

@@ -66,14 +66,7 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
     // <= T - amax*2e-6 stays <= T after rounding (see interp_upper_bound).
     const float Tm = T - amax * 2e-6f;
     const bool narrow = g.mw <= 64;
-    if (narrow) {
-      for (int64_t i = 0; i < g.mh; ++i) {
-        const float* row = m + i * g.mw;
-        uint64_t hot = 0;
-        for (int64_t j = 0; j < g.mw; ++j) hot |= uint64_t(row[j] > Tm) << j;
-        sc.rowbits[size_t(i)] = hot;
-      }
-    }
+    if (narrow) hot_rows()(m, g.mh, g.mw, Tm, sc.rowbits.data());
     for (const Span& ys : g.yspans) {
       int64_t xa = -1, xb = -1;
       if (narrow) {
