@@ -15,9 +15,10 @@
 namespace ndf {
 
 TailQuantileCPU::TailQuantileCPU(int64_t units, int64_t keep)
-    // Slack of at least `keep` values: compaction (O(capacity)) then costs O(1) per
-    // appended value, and appends are rare once the bound has risen.
-    : units_(units), keep_(keep), capacity_(keep + std::max<int64_t>(keep, 4096)) {
+    // Slack of keep/2 values: compaction (a vectorized select, O(capacity)) stays
+    // O(1) per appended value while the bound rises often enough that most maps
+    // are rejected by one compare (a larger slack keeps a stale, low bound longer).
+    : units_(units), keep_(keep), capacity_(keep + std::max<int64_t>(keep / 2, 256)) {
   values_.resize(size_t(units_ * capacity_));
   count_.assign(size_t(units_), 0);
   bound_.assign(size_t(units_), -std::numeric_limits<float>::infinity());
