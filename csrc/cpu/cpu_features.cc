@@ -76,7 +76,7 @@ void threshold_row_scalar(const float* top, const float* bot, float wy0, float w
   }
 }
 
-void interp_row_scalar(const float* row, const int32_t* x0, const int32_t* x1, const float* wx0,
+void interp_row_scalar(const float* row, int64_t /*mw*/, const int32_t* x0, const int32_t* x1, const float* wx0,
                        const float* wx1, int64_t n, float* out) {
   for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
 }
@@ -248,14 +248,26 @@ __attribute__((target("avx2,fma"))) int64_t scan_maps_avx2(const float* base, in
 
 // Same loop compiled for FMA hardware: std::fma becomes one instruction (the
 // baseline build calls libm's correctly rounded fmaf instead).
-__attribute__((target("avx512f"))) void interp_row_avx512(const float* row, const int32_t* x0, const int32_t* x1,
-                                                          const float* wx0, const float* wx1, int64_t n,
-                                                          float* out) {
-  for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
+__attribute__((target("avx512f"))) void interp_row_avx512(const float* row, int64_t mw, const int32_t* x0,
+                                                          const int32_t* x1, const float* wx0, const float* wx1,
+                                                          int64_t n, float* out) {
+  if (mw > 16) {
+    for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
+    return;
+  }
+  // The whole source row fits one register: a permute replaces 32 scalar loads.
+  const __m512 r = _mm512_maskz_loadu_ps(__mmask16((1u << mw) - 1u), row);
+  for (int64_t px = 0; px < n; px += 16) {
+    const __mmask16 live = __mmask16(n - px >= 16 ? 0xffffu : (1u << (n - px)) - 1u);
+    const __m512 a = _mm512_permutexvar_ps(_mm512_maskz_loadu_epi32(live, x0 + px), r);
+    const __m512 b = _mm512_permutexvar_ps(_mm512_maskz_loadu_epi32(live, x1 + px), r);
+    const __m512 w0 = _mm512_maskz_loadu_ps(live, wx0 + px), w1 = _mm512_maskz_loadu_ps(live, wx1 + px);
+    _mm512_mask_storeu_ps(out + px, live, _mm512_fmadd_ps(w0, a, _mm512_mul_ps(w1, b)));
+  }
 }
-__attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, const int32_t* x0, const int32_t* x1,
-                                                        const float* wx0, const float* wx1, int64_t n,
-                                                        float* out) {
+__attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, int64_t /*mw*/, const int32_t* x0,
+                                                        const int32_t* x1, const float* wx0, const float* wx1,
+                                                        int64_t n, float* out) {
   for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
 }
 

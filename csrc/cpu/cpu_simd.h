@@ -32,8 +32,8 @@ using ThresholdRowFn = void (*)(const float* top, const float* bot, float wy0, f
 ThresholdRowFn threshold_row_bits();
 
 // out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one
-// source row upsampled along x (lerp_x of ndf/interp.h).
-using InterpRowFn = void (*)(const float* row, const int32_t* x0, const int32_t* x1, const float* wx0,
+// source row (mw values) upsampled along x (lerp_x of ndf/interp.h).
+using InterpRowFn = void (*)(const float* row, int64_t mw, const int32_t* x0, const int32_t* x1, const float* wx0,
                              const float* wx1, int64_t n, float* out);
 InterpRowFn interp_row();
 

@@ -90,7 +90,7 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
         int64_t& lo = sc.hlo[size_t(src)];
         int64_t& hi = sc.hhi[size_t(src)];
         if (xa < lo || xb > hi) {
-          interp(m + int64_t(src) * g.mw, g.x0.data() + xa, g.x1.data() + xa, g.wx0.data() + xa,
+          interp(m + int64_t(src) * g.mw, g.mw, g.x0.data() + xa, g.x1.data() + xa, g.wx0.data() + xa,
                  g.wx1.data() + xa, xb - xa, sc.hrows.data() + int64_t(src) * sw + xa);
           if (xb < lo || xa > hi || lo >= hi) {
             lo = xa;
