@@ -126,16 +126,20 @@ std::vector<float> TailQuantileCPU::sorted_tail(int64_t unit) {
 }
 
 void TailQuantileCPU::order_statistic(int64_t rank, float* out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 8)
-  for (int64_t k = 0; k < units_; ++k) {
-    float* v = values_.data() + k * capacity_;
-    const int64_t c = count_[k];
-    if (rank < 0 || rank >= c || rank >= keep_) {
-      out[k] = std::numeric_limits<float>::quiet_NaN();
-      continue;
+  const SelectTopFn select = select_top();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> tmp(static_cast<size_t>(capacity_));
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t k = 0; k < units_; ++k) {
+      const int64_t c = count_[k];
+      if (rank < 0 || rank >= c || rank >= keep_) {
+        out[k] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      // The (rank+1) largest, rearranged within the buffer: the kept multiset is unchanged.
+      out[k] = select(values_.data() + k * capacity_, c, rank + 1, tmp.data());
     }
-    std::nth_element(v, v + rank, v + c, std::greater<float>());
-    out[k] = v[rank];
   }
 }
 
