@@ -2,6 +2,7 @@
 // AVX-512 or AVX2 where the CPU has them.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -15,19 +16,6 @@
 
 namespace ndf {
 namespace {
-
-bool max_scan_scalar(const float* v, int64_t n, float* max_out, float* min_out) {
-  float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
-  float poison = 0.0f;  // becomes NaN if any value is NaN or +-inf
-  for (int64_t i = 0; i < n; ++i) {
-    mx = v[i] > mx ? v[i] : mx;
-    mn = v[i] < mn ? v[i] : mn;
-    poison += v[i] * 0.0f;
-  }
-  *max_out = mx;
-  *min_out = mn;
-  return poison == 0.0f;
-}
 
 // Appends the values > bound to out[count...] (room for n values is guaranteed
 // by the caller) and returns the new count. Branch-free: always store, advance
@@ -319,61 +307,9 @@ __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v,
   return count;
 }
 
-__attribute__((target("avx2,fma"))) bool max_scan_avx2(const float* v, int64_t n, float* max_out, float* min_out) {
-  __m256 mx = _mm256_set1_ps(-INFINITY), mn = _mm256_set1_ps(INFINITY), poison = _mm256_setzero_ps();
-  const __m256 zero = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 x = _mm256_loadu_ps(v + i);
-    mx = _mm256_max_ps(mx, x);
-    mn = _mm256_min_ps(mn, x);
-    poison = _mm256_fmadd_ps(x, zero, poison);
-  }
-  alignas(32) float m8[8], n8[8], p8[8];
-  _mm256_store_ps(m8, mx);
-  _mm256_store_ps(n8, mn);
-  _mm256_store_ps(p8, poison);
-  float m = m8[0], lo = n8[0], p = 0.0f;
-  for (int j = 0; j < 8; ++j) {
-    m = m8[j] > m ? m8[j] : m;
-    lo = n8[j] < lo ? n8[j] : lo;
-    p += p8[j];
-  }
-  for (; i < n; ++i) {
-    m = v[i] > m ? v[i] : m;
-    lo = v[i] < lo ? v[i] : lo;
-    p += v[i] * 0.0f;
-  }
-  *max_out = m;
-  *min_out = lo;
-  return p == 0.0f;
-}
-
-__attribute__((target("avx512f"))) bool max_scan_avx512(const float* v, int64_t n, float* max_out, float* min_out) {
-  __m512 mx = _mm512_set1_ps(-INFINITY), mn = _mm512_set1_ps(INFINITY), poison = _mm512_setzero_ps();
-  const __m512 zero = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 x = _mm512_loadu_ps(v + i);
-    mx = _mm512_max_ps(mx, x);
-    mn = _mm512_min_ps(mn, x);
-    poison = _mm512_fmadd_ps(x, zero, poison);
-  }
-  if (i < n) {  // masked tail: lanes past n read nothing
-    __mmask16 k = __mmask16((1u << (n - i)) - 1u);
-    __m512 x = _mm512_maskz_loadu_ps(k, v + i);
-    mx = _mm512_mask_max_ps(mx, k, mx, x);
-    mn = _mm512_mask_min_ps(mn, k, mn, x);
-    poison = _mm512_fmadd_ps(x, zero, poison);
-  }
-  *max_out = _mm512_reduce_max_ps(mx);
-  *min_out = _mm512_reduce_min_ps(mn);
-  return _mm512_reduce_add_ps(poison) == 0.0f;
-}
 #endif
 
 struct Dispatch {
-  MaxScanFn scan = max_scan_scalar;
   AppendGreaterFn append = append_greater_scalar;
   ThresholdRowFn threshold = threshold_row_scalar;
   InterpRowFn interp = interp_row_scalar;
@@ -383,9 +319,12 @@ struct Dispatch {
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
+    // NDF_CPU_ISA=avx2|baseline caps the choice (tests run every variant this way).
+    const char* cap = std::getenv("NDF_CPU_ISA");
+    const bool allow512 = !cap || std::strcmp(cap, "avx512") == 0;
+    const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
-      scan = max_scan_avx512;
+    if (allow512 && __builtin_cpu_supports("avx512f")) {
       append = append_greater_avx512;
       threshold = threshold_row_avx512;
       interp = interp_row_avx512;
@@ -393,8 +332,7 @@ struct Dispatch {
       select = select_top_avx512;
       hot = hot_rows_avx512;
       name = "avx512";
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      scan = max_scan_avx2;
+    } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       threshold = threshold_row_avx2;
       interp = interp_row_avx2;
       maps = scan_maps_avx2;
@@ -411,7 +349,6 @@ const Dispatch& dispatch() {
 
 }  // namespace
 
-MaxScanFn max_scan_kernel() { return dispatch().scan; }
 AppendGreaterFn append_greater() { return dispatch().append; }
 ThresholdRowFn threshold_row_bits() { return dispatch().threshold; }
 InterpRowFn interp_row() { return dispatch().interp; }

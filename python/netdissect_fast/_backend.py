@@ -194,6 +194,3 @@ def _inner_contiguous(shape, strides) -> bool:
     h, w = shape[-2], shape[-1]
     return (w == 1 or strides[-1] == 1) and (h == 1 or strides[-2] == w)
 
-
-def numpy_ptr(a: np.ndarray) -> int:
-    return a.ctypes.data

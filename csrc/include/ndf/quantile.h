@@ -44,10 +44,6 @@ class TailQuantileCPU {
   std::vector<float> bound_;    // values <= bound_ can never enter the tail
 };
 
-// Maximum, minimum and finiteness of n floats (runtime-dispatched SIMD).
-// Returns false if any value is NaN or infinite.
-using MaxScanFn = bool (*)(const float* v, int64_t n, float* max_out, float* min_out);
-MaxScanFn max_scan_kernel();
 const char* cpu_isa_name();  // "avx512", "avx2" or "baseline"
 
 }  // namespace ndf
