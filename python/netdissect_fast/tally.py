@@ -41,7 +41,12 @@ def _receptive_field(receptive_field, map_shape, seg_shape):
 class Tally:
     """Accumulates I, A and G over batches. ``dataset`` is a :class:`Broden` (or
     any object with ``num_labels``, ``categories``, ``primary_category``,
-    ``seg_shape`` and ``label_batch(indices)``)."""
+    ``seg_shape`` and ``label_batch(indices)``).
+
+    ``upsample="receptive_field"`` places unit (i, j) at (o + s·i, o + s·j) in
+    segmentation pixels (SPEC §2); ``receptive_field=(s, o)`` gives stride and
+    offset, each a number or a (y, x) pair. Without it, s = seg_size / map_size
+    and o = s/2 - 1/2 (the centres bilinear upsampling uses)."""
 
     def __init__(self, dataset, thresholds, rule: str = "paper", upsample: str = "bilinear",
                  receptive_field=None, device: str = "auto", threads: int | None = None):
