@@ -182,6 +182,11 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="label number outside the label space"):
         t.update(acts, np.arange(4), labels=lb)
     assert t.intersection.sum() == 0
+    broken = ds.label_batch(np.arange(4))
+    broken.set_label_start = broken.set_label_start.copy()
+    broken.set_label_start[3] = broken.set_label_start[-1] + 100  # offsets out of order
+    with pytest.raises(ValueError, match="inconsistent LabelBatch offsets"):
+        Tally(ds, thr, device="cpu").update(acts, np.arange(4), labels=broken)
     with pytest.raises(ValueError, match="rows but the dataset has"):
         ndf.score(acts[:3], ds, device="cpu", progress=False)
     with pytest.raises(ValueError, match="batch_size"):
