@@ -75,6 +75,9 @@ class Tally:
         self.num_labels = int(dataset.num_labels)
         if self.primary_category.shape != (self.num_labels,):
             raise ValueError("dataset.primary_category must have one entry per label number")
+        pc = self.primary_category
+        if pc.size and (pc.min() < -1 or pc.max() >= len(self.categories)):
+            raise ValueError(f"dataset.primary_category must lie in -1..{len(self.categories) - 1}")
         self._I = np.zeros((self.units, self.num_labels), np.int64)
         self._A = np.zeros((self.units, len(self.categories)), np.int64)
         self.label_pixels = np.zeros(self.num_labels, np.int64)
