@@ -45,7 +45,7 @@ def run(n_images: int, threads: int) -> None:
         for i, s in enumerate(range(0, n_images, B)):
             e = min(n_images, s + B)
             a, b = pool[i % 8], pool[(3 * i + 1) % 8]
-            x = np.maximum(0.8 * a + 0.6 * np.roll(b, i % K, axis=1) - 0.3, 0).astype(np.float32)
+            x = np.maximum(0.8 * a + 0.6 * np.roll(b, i % 64, axis=0) - 0.3, 0).astype(np.float32)
             yield np.arange(s, e), x[: e - s]
 
     base = peak_rss_mib()

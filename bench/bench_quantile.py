@@ -73,12 +73,14 @@ def main():
     n = N * h * w
     rng = np.random.default_rng(0)
     pool = make_pool(rng, args.pool, B, K, h, w)
-    # Every batch distinct (a mix of two pool members, units shifted), so no value
-    # repeats and the tail behaves as on real data; all materialized before timing.
+    # Every batch distinct (a mix of two pool members, images shifted), so no value
+    # repeats; each unit keeps its own scale, so its stream is stationary as on real
+    # data (mixing units would change a unit's scale from batch to batch). All
+    # batches are materialized before timing.
     batches = []
     for i in range(n_batches):
         a, b = pool[i % len(pool)], pool[(7 * i + 3) % len(pool)]
-        batches.append(np.maximum(0.8 * a + 0.6 * np.roll(b, i % K, axis=1) - 0.3, 0).astype(np.float32))
+        batches.append(np.maximum(0.8 * a + 0.6 * np.roll(b, i % B, axis=0) - 0.3, 0).astype(np.float32))
     gb = N * K * h * w * 4 / 1e9
     print(machine_info(args.threads))
     print(f"workload: K={K}, {h}x{w}, N={N} images, {n:,} values per unit, {gb:.2f} GB float32, batches of {B}")
