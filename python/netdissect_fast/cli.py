@@ -50,7 +50,7 @@ def cmd_dissect(a) -> int:
     from .models import load_model
     dataset = _open_broden(a.dataset, a.categories)
     model, name = load_model(a.model, a.weights)
-    results = dissect(model, a.layers, dataset, a.out, q=a.q, rule=a.rule, upsample=a.upsample,
+    results = dissect(model, a.layers, dataset, a.out, q=a.q, rule=a.rule, upsample=a.upsample, receptive_field=_receptive_field_arg(a.receptive_field),
                       batch_size=a.batch_size, device=a.device, cache=a.cache,
                       cache_dtype=a.cache_dtype, image_size=a.image_size, top_n=a.top_n,
                       iou_threshold=a.iou_threshold, model_name=a.model_name or name,
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which images count toward a unit's mask area (SPEC §3)")
     d.add_argument("--upsample", choices=["bilinear", "receptive_field"], default="bilinear",
                    help="how activation maps are upsampled to the segmentation size")
+    d.add_argument("--receptive-field", metavar="STRIDE,OFFSET", default=None,
+                   help="with --upsample receptive_field: unit i sits at OFFSET + STRIDE*i segmentation "
+                        "pixels (default: read off the model for each layer)")
     d.add_argument("--iou-threshold", type=float, default=0.04,
                    help="IoU above which a unit is a detector (default 0.04)")
     d.add_argument("--top-n", type=int, default=10, help="top images kept per unit (default 10)")
@@ -217,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="netdissect-demo", help="output directory (default netdissect-demo)")
     dm.add_argument("--images", type=int, default=None, help="dataset size (default: the demo's)")
     return p
+
+
+def _receptive_field_arg(text):
+    if text is None:
+        return None
+    try:
+        stride, offset = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--receptive-field expects STRIDE,OFFSET (two numbers), got {text!r}") from None
+    if stride <= 0:
+        raise ValueError(f"--receptive-field stride must be positive, got {stride}")
+    return (stride, offset)
 
 
 def main(argv=None) -> int:

@@ -385,13 +385,34 @@ class _Job:
 
 # -- the pipeline ---------------------------------------------------------------------------
 
+def _layer_receptive_field(model, layer, size, dataset, device, given):
+    """[[stride_y, stride_x], [offset_y, offset_x]] in segmentation pixels."""
+    from . import receptive
+    if given is not None:
+        (s, o) = given
+        s = (s, s) if isinstance(s, (int, float)) else tuple(s)
+        o = (o, o) if isinstance(o, (int, float)) else tuple(o)
+        return [[float(s[0]), float(s[1])], [float(o[0]), float(o[1])]]
+    was_training = model.training
+    model.eval().to(device)
+    capture = _Capture(model, [layer])
+    try:
+        rf = receptive.estimate(model, capture, layer.name, size, device)
+    finally:
+        capture.close()
+        model.train(was_training)
+    (sy, sx), (oy, ox) = receptive.to_segmentation(rf, size, dataset.seg_shape)
+    return [[float(sy), float(sx)], [float(oy), float(ox)]]
+
+
 def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = None,
             rule: str = "paper", upsample: str = "bilinear", batch_size: int = 64,
             device="auto", cache: str = "auto", cache_dtype: str = "float16",
             image_size=None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
             iou_threshold: float = 0.04, top_n: int = 10, progress: bool = True,
             model_name: str | None = None, workers: int | None = None,
-            checkpoint_every: int = 50, keep_cache: bool = False, report: bool = True) -> dict:
+            checkpoint_every: int = 50, keep_cache: bool = False, report: bool = True,
+            receptive_field=None) -> dict:
     """Dissect `layers` of `model` on `dataset`; returns {layer name: DissectionResult}.
 
     q: threshold quantile (default 0.995; 994/999 under rule="netdissect-lite", SPEC §3).
@@ -400,7 +421,9 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
     "float32". image_size: int or (h, w), default the dataset's. workers: DataLoader
     decoding processes (default min(4, cores - 1)). checkpoint_every: batches between
     checkpoints. keep_cache: keep activations.h5 after the layer is finished. report:
-    also write each layer's report.html.
+    also write each layer's report.html. receptive_field: with upsample="receptive_field",
+    (stride, offset) in segmentation pixels for every layer; by default each layer's is
+    read off the model (netdissect_fast.receptive).
     The model is put in eval mode (its mode is restored afterwards) and moved to `device`.
     """
     from .result import DissectionResult
@@ -440,6 +463,9 @@ def dissect(model: nn.Module, layers, dataset, out_dir, *, q: float | None = Non
     for layer in resolved:
         settings = dict(common, layer=layer.name, q=float(q), rule=rule, upsample=upsample,
                         iou_threshold=float(iou_threshold), top_n=int(top_n))
+        if upsample == "receptive_field":
+            settings["receptive_field"] = _layer_receptive_field(model, layer, size, dataset, dev,
+                                                                 receptive_field)
         directory = Path(out_dir) / model_name / _safe_name(layer.name) / _hash(settings)
         job = _Job(layer, directory, settings, cache_fp=_hash(dict(common, layer=layer.name)))
         directory.mkdir(parents=True, exist_ok=True)
@@ -588,7 +614,9 @@ class _Pipeline:
         job.thresholds = np.asarray(job.sketch.thresholds())
         job.extra["rank_error_bound"] = getattr(job.sketch, "rank_error_bound", None)
         job.sketch = None
+        rf = s.get("receptive_field")
         job.tally = Tally(self.dataset, job.thresholds, rule=s["rule"], upsample=s["upsample"],
+                          receptive_field=None if rf is None else (tuple(rf[0]), tuple(rf[1])),
                           device=self.kernels)
         job.stage, job.p2 = "pass2", 0
         job.save_checkpoint()
