@@ -33,14 +33,14 @@ struct Geometry {
 };
 
 struct Scratch {
-  std::vector<float> map, hrows;
+  std::vector<float> hrows;       // source rows upsampled along x (mh x sw)
   std::vector<int64_t> hlo, hhi;  // per source row: columns [lo, hi) of hrows are valid
   std::vector<uint16_t> chunks;
   std::vector<uint64_t> rowbits;
   std::vector<int64_t> cnt;
   std::vector<int32_t> touched;
   Scratch(const Geometry& g, int64_t max_sets)
-      : map(size_t(g.mh * g.mw)), hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
+      : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
         chunks(size_t(g.sw / 16 + 2)), rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0) {
     touched.reserve(size_t(max_sets));
   }
