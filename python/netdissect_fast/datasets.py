@@ -2,14 +2,16 @@
 
 Tests and demos cannot download Broden, so this module draws real pictures of a small
 world and writes them exactly as Broden lays them out. Each image is a scene (image-level
-label) whose objects are what identify it, so a CNN trained to classify the scenes learns
-units that detect the objects:
+label) on a background drawn independently of the scene (sky or wall over grass, road,
+sand, water + sand or floor), so only the objects in it tell the scenes apart, and a CNN
+trained to classify the scenes has to learn units that detect the objects
+(SCENE_OBJECTS):
 
-    street       sky, road, houses (roof, door + knob, windows), cars (windows, wheels + hubcap)
-    park         sky, grass, trees (trunk, crown), people (head, torso, legs)
-    beach        sky, water, sand, sun, people
-    valley       sky, mountains (snow caps), grass, trees
-    living_room  wall, floor, windows, table (legs), people
+    street       house (roof, door + knob, window), car (windows, wheels + hubcap)
+    town         house                     garden       house, tree (trunk, crown)
+    forest       two trees                 park         tree, person (head, torso, legs)
+    parking_lot  car, person               beach        sun, person
+    valley       mountain (snow cap)       living_room  table (legs), windows
 
 Some images also get a material plane (brick, wood, glass, metal...), and some a
 textured banner (striped / dotted / chequered / zigzagged, an image-level texture label).
@@ -17,7 +19,8 @@ Every image has a per-pixel color plane computed from the rendered pixels with a
 11-name color classifier. Parts use two planes (`_part_1.png`: parts, `_part_2.png`:
 parts of parts). "window" is both an object and a part, "water" and "sand" both an object
 and a material (one label number each); object, part and material label numbers are all
-above 255 so the PNGs need the G channel (label = R + 256 G).
+above 255 so the PNGs need the G channel (label = R + 256 G); the scene numbers follow
+them.
 
 Geometry is defined in normalised coordinates and evaluated on the pixel-centre grids of
 both the image and the segmentation, so any (size, seg_size) works (224/112, 227/113,
@@ -51,7 +54,25 @@ COLOR_PROTOTYPES = {
     "pink": (240, 160, 190), "purple": (130, 50, 160), "red": (200, 35, 35),
     "white": (235, 235, 235), "yellow": (235, 215, 50),
 }
-SCENES = ("street", "park", "beach", "valley", "living_room")
+# What each scene is made of: {object: (min, max) count}, nothing else but the background
+# and maybe a banner. The scene is identified by its objects alone, and most objects are
+# the one difference between two scenes (a car between a street and a town, a tree
+# between a garden and a town, a person between a park and a forest, a house between a
+# garden and a forest), so the classifier has to
+# see each of them.
+SCENE_OBJECTS = {
+    "street": {"house": (1, 1), "car": (1, 2)},
+    "town": {"house": (1, 1)},
+    "garden": {"house": (1, 1), "tree": (1, 1)},
+    "forest": {"tree": (2, 2)},
+    "park": {"tree": (1, 1), "person": (1, 2)},
+    "parking_lot": {"car": (1, 2), "person": (1, 1)},
+    "beach": {"sun": (1, 1), "person": (1, 1)},
+    "valley": {"mountain": (1, 1)},
+    "living_room": {"table": (1, 1), "window": (1, 2)},
+}
+SCENES = tuple(SCENE_OBJECTS)
+
 TEXTURES = ("striped", "dotted", "chequered", "zigzagged")
 OBJECTS = ("sky", "road", "grass", "sand", "water", "floor", "wall", "house", "car", "tree",
            "person", "sun", "mountain", "table", "window", "banner")
@@ -63,8 +84,9 @@ FIRST_PIXEL_LABEL = 256                # object/part/material numbers start here
 
 
 def _label_table() -> tuple[list[str], dict[str, list[str]]]:
-    """(names by number, categories of each name). Colors, scenes and textures first,
-    then unused filler labels (in no category) up to 255, then object/part/material."""
+    """(names by number, categories of each name). Colors and textures first, then
+    unused filler labels (in no category) up to 255, then object/part/material and the
+    scenes (image-level labels above 255 are legal: index.csv holds them as text)."""
     names = ["-"]
     cats: dict[str, list[str]] = {}
     def add(name, cat):
@@ -74,13 +96,11 @@ def _label_table() -> tuple[list[str], dict[str, list[str]]]:
         cats[name].append(cat)
     for n in COLOR_PROTOTYPES:
         add(n, "color")
-    for n in SCENES:
-        add(n, "scene")
     for n in TEXTURES:
         add(n, "texture")
     while len(names) < FIRST_PIXEL_LABEL:
         add(f"unused_{len(names)}", None)
-    for cat, group in (("object", OBJECTS), ("part", PARTS), ("material", MATERIALS)):
+    for cat, group in (("object", OBJECTS), ("part", PARTS), ("material", MATERIALS), ("scene", SCENES)):
         for n in group:
             add(n, cat)
     return names, cats
@@ -149,6 +169,7 @@ class _Canvas:
         self.seg_grid = (grid(seg)[:, None], grid(seg)[None, :])
         self.planes = {k: np.zeros((seg, seg), np.int32) for k in ("object", "part1", "part2", "material")}
         self.objects: list[str] = []
+        self.horizon = 1.0                     # where the background's ground starts
 
     def jitter(self, rgb, amount=18):
         return np.clip(np.asarray(rgb, np.float32) + self.rng.uniform(-amount, amount, 3), 0, 255)
@@ -187,7 +208,7 @@ WALL_COLORS = [(180, 70, 50), (235, 230, 215), (230, 200, 90), (240, 170, 190)]
 
 def _house(c: _Canvas, x0, base):
     r = c.rng
-    w, h = r.uniform(0.18, 0.28), r.uniform(0.14, 0.22)
+    w, h = r.uniform(0.2, 0.28), r.uniform(0.14, 0.2)
     top = base - h
     body = _rect(top, base, x0, x0 + w)
     roof = _triangle(top - r.uniform(0.07, 0.12), x0 + w / 2, top + 1e-3, w / 2 + 0.02)
@@ -198,7 +219,7 @@ def _house(c: _Canvas, x0, base):
     else:
         c.object("house", _union(body, roof), WALL_COLORS[r.integers(1, len(WALL_COLORS))], material="painted")
     c.part("roof", roof, [(150, 40, 30), (70, 70, 75), BROWN][r.integers(3)], material="tile")
-    dw, dh = 0.26 * w, 0.55 * h
+    dw, dh = 0.24 * w, 0.55 * h
     dx = x0 + r.uniform(0.15, 0.6) * w
     c.part("door", _rect(base - dh, base, dx, dx + dw), BROWN, material="wood")
     c.subpart("knob", _disc(base - dh / 2, dx + 0.75 * dw, 0.018), (230, 200, 60), material="metal")
@@ -208,10 +229,10 @@ def _house(c: _Canvas, x0, base):
 
 def _car(c: _Canvas, x0, base):
     r = c.rng
-    w = r.uniform(0.22, 0.32)
+    w = r.uniform(0.24, 0.32)
     wheel_r = 0.045
     bottom = base - wheel_r * 0.7
-    bh, ch = r.uniform(0.07, 0.09), r.uniform(0.06, 0.08)
+    bh, ch = r.uniform(0.08, 0.1), r.uniform(0.06, 0.08)
     body = _rect(bottom - bh, bottom, x0, x0 + w)
     cabin = _rect(bottom - bh - ch, bottom - bh, x0 + 0.2 * w, x0 + 0.8 * w)
     wheels = [(bottom, x0 + fx * w) for fx in (0.2, 0.8)]
@@ -227,11 +248,11 @@ def _car(c: _Canvas, x0, base):
 
 def _person(c: _Canvas, cx, base):
     r = c.rng
-    h = r.uniform(0.22, 0.32)
-    head = _disc(base - h + 0.11 * h, cx, 0.11 * h)
-    torso = _rect(base - 0.78 * h, base - 0.42 * h, cx - 0.14 * h, cx + 0.14 * h)
-    legs = [_rect(base - 0.42 * h, base, cx - 0.12 * h, cx - 0.02 * h),
-            _rect(base - 0.42 * h, base, cx + 0.02 * h, cx + 0.12 * h)]
+    h = r.uniform(0.28, 0.38)
+    head = _disc(base - h + 0.12 * h, cx, 0.12 * h)
+    torso = _rect(base - 0.78 * h, base - 0.4 * h, cx - 0.18 * h, cx + 0.18 * h)
+    legs = [_rect(base - 0.4 * h, base, cx - 0.16 * h, cx - 0.01 * h),
+            _rect(base - 0.4 * h, base, cx + 0.01 * h, cx + 0.16 * h)]
     c.object("person", _union(head, torso, *legs))
     c.part("head", head, [SKIN, (150, 100, 60)][r.integers(2)], material="skin")
     c.part("torso", torso, BODY_COLORS[r.integers(len(BODY_COLORS))], material="fabric")
@@ -242,8 +263,8 @@ def _person(c: _Canvas, cx, base):
 
 def _tree(c: _Canvas, cx, base):
     r = c.rng
-    th, cr = r.uniform(0.1, 0.16), r.uniform(0.07, 0.11)
-    trunk = _rect(base - th, base, cx - 0.018, cx + 0.018)
+    th, cr = r.uniform(0.1, 0.16), r.uniform(0.075, 0.1)
+    trunk = _rect(base - th, base, cx - 0.028, cx + 0.028)
     crown = _disc(base - th - cr * 0.7, cx, cr)
     c.object("tree", _union(trunk, crown))
     c.part("trunk", trunk, BROWN, material="wood")
@@ -252,71 +273,88 @@ def _tree(c: _Canvas, cx, base):
 
 def _mountain(c: _Canvas, cx, base):
     r = c.rng
-    apex, hw = r.uniform(0.08, base - 0.15), r.uniform(0.18, 0.32)
+    apex, hw = base - r.uniform(0.18, 0.3), r.uniform(0.15, 0.25)
     c.object("mountain", _triangle(apex, cx, base, hw), [(120, 110, 105), (110, 85, 60)][r.integers(2)],
              material="stone")
     # The snow cap is the top 30 % of the same triangle: only its material differs.
     c.paint(_triangle(apex, cx, apex + 0.3 * (base - apex), 0.3 * hw), WHITE, material="snow")
 
 
-def _compose(c: _Canvas, scene: str):
-    """Draw a scene; far things (higher base) first so nearer ones occlude them."""
+def _table(c: _Canvas, x, b):
     r = c.rng
-    hz = r.uniform(0.35, 0.5)
-    draws: list[tuple[float, Callable]] = []
-    xs = lambda w=0.25: r.uniform(0.0, 1 - w)
-    if scene == "street":
-        c.object("sky", _rect(0, hz, 0, 1), SKY)
-        c.object("road", _rect(hz, 1, 0, 1), ROAD, material="stone")
-        for _ in range(r.integers(1, 4)):
-            draws.append((hz + r.uniform(0.02, 0.08), lambda b, x=xs(): _house(c, x, b)))
-        for _ in range(r.integers(1, 3)):
-            draws.append((r.uniform(hz + 0.2, 0.97), lambda b, x=xs(0.3): _car(c, x, b)))
-        if r.random() < 0.3:
-            draws.append((r.uniform(hz + 0.15, 0.98), lambda b, x=r.uniform(0.05, 0.95): _person(c, x, b)))
-    elif scene == "park":
-        c.object("sky", _rect(0, hz, 0, 1), SKY)
-        c.object("grass", _rect(hz, 1, 0, 1), GRASS, material="foliage")
-        for _ in range(r.integers(2, 5)):
-            draws.append((r.uniform(hz + 0.05, 0.9), lambda b, x=r.uniform(0.05, 0.95): _tree(c, x, b)))
-        for _ in range(r.integers(1, 3)):
-            draws.append((r.uniform(hz + 0.2, 0.98), lambda b, x=r.uniform(0.05, 0.95): _person(c, x, b)))
-    elif scene == "beach":
-        sea = hz + r.uniform(0.15, 0.25)
-        c.object("sky", _rect(0, hz, 0, 1), SKY)
-        c.object("sun", _disc(r.uniform(0.08, hz - 0.1), r.uniform(0.1, 0.9), r.uniform(0.05, 0.08)), SUN)
-        c.object("water", _rect(hz, sea, 0, 1), WATER, material="water")
-        c.object("sand", _rect(sea, 1, 0, 1), SAND, material="sand")
-        for _ in range(r.integers(0, 3)):
-            draws.append((r.uniform(sea + 0.2, 0.98), lambda b, x=r.uniform(0.05, 0.95): _person(c, x, b)))
-    elif scene == "valley":
-        c.object("sky", _rect(0, hz, 0, 1), SKY)
-        for _ in range(r.integers(1, 4)):
-            draws.append((hz + 1e-3 * r.random(), lambda b, x=r.uniform(0.1, 0.9): _mountain(c, x, b)))
-        draws.append((hz + 0.002, lambda b: c.object("grass", _rect(hz, 1, 0, 1), GRASS, material="foliage")))
-        for _ in range(r.integers(0, 3)):
-            draws.append((r.uniform(hz + 0.1, 0.9), lambda b, x=r.uniform(0.05, 0.95): _tree(c, x, b)))
-    elif scene == "living_room":
-        floor = r.uniform(0.6, 0.7)
-        c.object("wall", _rect(0, floor, 0, 1), WALL_COLORS[r.integers(1, len(WALL_COLORS))], material="painted")
-        c.object("floor", _rect(floor, 1, 0, 1), BROWN, material="wood")
-        for k in range(r.integers(1, 3)):
-            x = 0.08 + 0.5 * k + r.uniform(0, 0.15)
-            y = r.uniform(0.1, 0.25)
-            c.object("window", _rect(y, y + r.uniform(0.2, 0.3), x, x + r.uniform(0.18, 0.28)), GLASS,
-                     material="glass")
-        def table(b, x=xs(0.4)):
-            w = r.uniform(0.3, 0.4)
-            top = _rect(b - 0.17, b - 0.13, x, x + w)
-            legs = [_rect(b - 0.13, b, x + 0.03, x + 0.07), _rect(b - 0.13, b, x + w - 0.07, x + w - 0.03)]
-            c.object("table", _union(top, *legs), BROWN, material="wood")
-            for leg in legs:
-                c.part("leg", leg, (90, 55, 25), material="wood")
-        draws.append((r.uniform(floor + 0.15, 0.85), table))
-        if r.random() < 0.4:
-            draws.append((r.uniform(floor + 0.1, 0.98), lambda b, x=r.uniform(0.05, 0.95): _person(c, x, b)))
+    w, h = r.uniform(0.35, 0.5), r.uniform(0.18, 0.24)
+    top = _rect(b - h, b - h + 0.06, x, x + w)
+    legs = [_rect(b - h + 0.06, b, x + 0.02, x + 0.08), _rect(b - h + 0.06, b, x + w - 0.08, x + w - 0.02)]
+    c.object("table", _union(top, *legs), [BROWN, (150, 100, 50), (70, 45, 25)][r.integers(3)], material="wood")
+    for leg in legs:
+        c.part("leg", leg, (90, 55, 25), material="wood")
+
+
+def _window(c: _Canvas, x, y):
+    r = c.rng
+    h, w = min(r.uniform(0.15, 0.22), c.horizon - 0.02 - y), r.uniform(0.14, 0.2)
+    c.object("window", _rect(y, y + h, x, x + w), GLASS, material="glass")
+    # Mullions: a cross of the frame colour, part of the window.
+    frame = (235, 235, 235) if r.random() < 0.5 else BROWN
+    c.paint(_union(_rect(y, y + h, x + w / 2 - 0.008, x + w / 2 + 0.008),
+                   _rect(y + h / 2 - 0.008, y + h / 2 + 0.008, x, x + w)), frame)
+
+
+# Backgrounds: (top, ground) pairs drawn independently of the scene, so the background
+# never tells which scene an image is: only the objects in it do.
+BACKGROUNDS = ("sky+grass", "sky+road", "sky+sand", "sky+water", "wall+floor")
+
+def _background(c: _Canvas, kind: str, hz: float):
+    r = c.rng
+    top, ground = kind.split("+")
+    if top == "sky":
+        c.object("sky", _rect(0, hz, 0, 1), [SKY, (150, 195, 240), (80, 140, 220)][r.integers(3)])
     else:
+        c.object("wall", _rect(0, hz, 0, 1), WALL_COLORS[r.integers(1, len(WALL_COLORS))], material="painted")
+    g = _rect(hz, 1, 0, 1)
+    if ground == "grass":
+        c.object("grass", g, [GRASS, (90, 170, 60), (50, 120, 45)][r.integers(3)], material="foliage")
+    elif ground == "road":
+        c.object("road", g, [ROAD, (90, 90, 95), (150, 145, 140)][r.integers(3)], material="stone")
+    elif ground == "sand":
+        c.object("sand", g, SAND, material="sand")
+    elif ground == "water":
+        shore = hz + r.uniform(0.12, 0.25)
+        c.object("water", _rect(hz, shore, 0, 1), WATER, material="water")
+        c.object("sand", _rect(shore, 1, 0, 1), SAND, material="sand")
+    else:
+        c.object("floor", g, [BROWN, (160, 110, 60), (90, 60, 40)][r.integers(3)], material="wood")
+
+
+def _compose(c: _Canvas, scene: str):
+    """Draw a scene on a random background; far things (higher base) first so nearer
+    ones occlude them."""
+    if scene not in SCENE_OBJECTS:
         raise ValueError(f"unknown scene {scene!r}")
+    r = c.rng
+    hz = c.horizon = r.uniform(0.38, 0.55)
+    _background(c, BACKGROUNDS[r.integers(len(BACKGROUNDS))], hz)
+    draws: list[tuple[float, Callable]] = []
+    for name, (lo, hi) in SCENE_OBJECTS[scene].items():
+        for k in range(r.integers(lo, hi + 1)):
+            if name == "sun":
+                rad = r.uniform(0.09, 0.13)
+                c.object("sun", _disc(r.uniform(rad + 0.02, max(rad + 0.03, hz - rad)), r.uniform(0.12, 0.88), rad), SUN)
+            elif name == "mountain":
+                draws.append((hz + 1e-3 * r.random(), lambda b, x=r.uniform(0.1, 0.9): _mountain(c, x, b)))
+            elif name == "window":
+                x = 0.05 + 0.5 * k + r.uniform(0, 0.18)
+                _window(c, x, r.uniform(0.04, max(0.05, hz - 0.25)))
+            elif name == "house":
+                draws.append((hz + r.uniform(0.02, 0.1), lambda b, x=r.uniform(0, 0.65): _house(c, x, b)))
+            elif name == "car":
+                draws.append((r.uniform(hz + 0.2, 0.97), lambda b, x=r.uniform(0, 0.6): _car(c, x, b)))
+            elif name == "tree":
+                draws.append((r.uniform(hz + 0.08, 0.85), lambda b, x=r.uniform(0.1, 0.9): _tree(c, x, b)))
+            elif name == "person":
+                draws.append((r.uniform(hz + 0.3, 0.99), lambda b, x=r.uniform(0.08, 0.92): _person(c, x, b)))
+            elif name == "table":
+                draws.append((r.uniform(hz + 0.22, 0.95), lambda b, x=r.uniform(0.02, 0.55): _table(c, x, b)))
     for base, draw in sorted(draws, key=lambda d: d[0]):
         draw(base)
 

@@ -1,13 +1,16 @@
 """`netdissect-fast demo`: the whole method, offline, in about two minutes on 2 CPU cores.
 
-1. generate a Broden-format world (`make_broden`, 2000 images): scenes made of objects;
+1. generate a Broden-format world (`make_broden`, 2000 images): nine scenes told apart
+   only by their objects (a street has a house and a car, a town only a house...), on
+   backgrounds drawn independently of the scene;
 2. train a small CNN to classify the SCENE of each image (it is never told about objects);
 3. dissect its two last layers;
-4. print unique detectors per category and, per object, the unit that detects it best.
+4. print unique detectors per category and, per object, the unit that detects it best
+   (with its IoU, and the unit's own best label when that is a part or material).
 
 Training augments with flips, random zooms, and colour-channel permutations / greyscale:
 colour alone then no longer tells the scenes apart, so the network has to look at the
-shapes of things (mountains, tables, windows, cars...). It pools its last layer with a
+shapes of things (houses, cars, trees, people, the sun...). It pools its last layer with a
 global max, so a unit only has to fire where the thing it looks for is.
 
 Everything is seeded, so two runs print the same numbers (for the same torch build and
@@ -26,7 +29,7 @@ import numpy as np
 DEFAULT_IMAGES = 2000
 IMAGE_SIZE = 112
 SEED = 0
-EPOCHS = 10
+EPOCHS = 12
 THREADS = 2
 LAYERS = ("features.conv4", "features.conv5")
 
@@ -197,21 +200,30 @@ def run_demo(out="netdissect-demo", n_images: int | None = None, epochs: int = E
 
 
 def _print_layer(layer: str, result, iou_threshold: float = 0.04) -> None:
-    """Unique detectors per category, then per object label the unit that detects it best."""
+    """Unique detectors per category (each unit named by its single best label, as in the
+    paper), then per object the unit whose mask matches it best (its object IoU) and how
+    many units have that object as their best label."""
     from .cli import print_summary
     print()
     print_summary(layer, result, iou_threshold)
-    best: dict[str, tuple[float, int, int]] = {}     # label -> (IoU, unit, number of units)
-    for r in result.table():
-        if r["category"] == "object" and r["iou"] > iou_threshold:
-            iou, unit, n = best.get(r["label_name"], (-1.0, 0, 0))
-            best[r["label_name"]] = (r["iou"], r["unit"], n + 1) if r["iou"] > iou else (iou, unit, n + 1)
-    if not best:
+    obj = result.categories.index("object") if "object" in result.categories else -1
+    iou = result.iou
+    top, top_iou = result.best_labels()
+    rows = []
+    for lab in np.flatnonzero(result.primary_category == obj):
+        unit = int(np.argmax(iou[:, lab]))
+        if iou[unit, lab] > iou_threshold:
+            rows.append((float(iou[unit, lab]), result.label_names[lab], unit,
+                         int(((top == lab) & (top_iou > iou_threshold)).sum())))
+    if not rows:
         print("  no object detectors")
         return
-    print(f"  object detectors (best unit per object; the scene classifier was never told about objects):")
-    for name, (iou, unit, n) in sorted(best.items(), key=lambda kv: -kv[1][0]):
-        print(f"    {name:<10} unit {unit:4d}  IoU {iou:.3f}   ({n} unit{'s' * (n > 1)})")
+    print("  objects (the scene classifier was never told about them): best unit, its IoU with the "
+          "object, units labelled with it")
+    for value, name, unit, n in sorted(rows, reverse=True):
+        own = "" if int(top[unit]) == result.label_names.index(name) else \
+            f"   (unit {unit}'s best label: {result.label_names[int(top[unit])]}, IoU {top_iou[unit]:.3f})"
+        print(f"    {name:<10} unit {unit:4d}  IoU {value:.3f}   {n:2d} unit{'s' * (n != 1)}{own}")
 
 
 def _read_json(path: Path):
