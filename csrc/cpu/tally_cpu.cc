@@ -193,34 +193,40 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
     Scratch sc(g, std::max<int64_t>(info.max_sets, 1));
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
     const ScanMapsFn scan = scan_maps();
-    // Each thread owns a range of units: their rows of I and A have one writer.
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
+    // Units go in blocks handed out dynamically (firing, and so cost, varies by
+    // unit); a block's rows of I and A have one writer.
+    const int64_t block = std::max<int64_t>(16, K / (int64_t(omp_get_num_threads()) * 8));
     // Images go in tiles: within a tile each unit's maps are counted back to back
     // (its rows of I stay in cache) and the tile's labels stay in cache across units.
     constexpr int64_t kTile = 8;
-    const int64_t R = k1 - k0;
-    std::vector<float> conv(D == DType::F32 ? 0 : static_cast<size_t>(kTile * R * a.map_size));
-    std::vector<float> mx(static_cast<size_t>(kTile * R)), amax(static_cast<size_t>(kTile * R));
+    std::vector<float> conv(D == DType::F32 ? 0 : static_cast<size_t>(kTile * block * a.map_size));
+    std::vector<float> mx(static_cast<size_t>(kTile * block)), amax(static_cast<size_t>(kTile * block));
     const float* base[kTile];
     int64_t stride[kTile];
-    for (int64_t b0 = 0; b0 < a.batch && R > 0 && my_bad.code == TallyStatus::Ok; b0 += kTile) {
-      const int64_t nb = std::min(kTile, a.batch - b0);
-      for (int64_t t = 0; t < nb; ++t) {
-        base[t] = unit_range_as_float<D>(a, b0 + t, k0, k1, conv.data() + t * R * a.map_size, &stride[t]);
-        const int64_t first = scan(base[t], R, stride[t], a.map_size, mx.data() + t * R, amax.data() + t * R);
-        if (first >= 0) {
-          my_bad = TallyStatus{TallyStatus::NonFinite, b0 + t, k0 + first, 0};
-          break;
-        }
-      }
-      if (my_bad.code != TallyStatus::Ok) break;
-      for (int64_t i = 0; i < R; ++i) {
-        const float T = thresholds[k0 + i];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+      if (my_bad.code != TallyStatus::Ok) continue;  // this thread already failed: skip its blocks
+      const int64_t k1 = std::min(K, k0 + block), R = k1 - k0;
+      for (int64_t b0 = 0; b0 < a.batch && my_bad.code == TallyStatus::Ok; b0 += kTile) {
+        const int64_t nb = std::min(kTile, a.batch - b0);
         for (int64_t t = 0; t < nb; ++t) {
-          const size_t j = size_t(t * R + i);
-          if (interp_upper_bound(mx[j], amax[j]) <= T) continue;  // no pixel can exceed T
-          count_map(b0 + t, k0 + i, base[t] + i * stride[t], T, amax[j], lb, space, info, g, cfg.rule, out, sc);
+          base[t] = unit_range_as_float<D>(a, b0 + t, k0, k1, conv.data() + t * R * a.map_size, &stride[t]);
+          const int64_t first =
+              scan(base[t], R, stride[t], a.map_size, mx.data() + t * R, amax.data() + t * R);
+          if (first >= 0) {
+            my_bad = TallyStatus{TallyStatus::NonFinite, b0 + t, k0 + first, 0};
+            break;
+          }
+        }
+        if (my_bad.code != TallyStatus::Ok) break;
+        for (int64_t i = 0; i < R; ++i) {
+          const float T = thresholds[k0 + i];
+          for (int64_t t = 0; t < nb; ++t) {
+            const size_t j = size_t(t * R + i);
+            if (interp_upper_bound(mx[j], amax[j]) <= T) continue;  // no pixel can exceed T
+            count_map(b0 + t, k0 + i, base[t] + i * stride[t], T, amax[j], lb, space, info, g, cfg.rule, out,
+                      sc);
+          }
         }
       }
     }
