@@ -35,17 +35,22 @@ int64_t first_bad_map(const float* base, int64_t count, int64_t stride, int64_t 
   return -1;
 }
 
+// Folds v[from, n) into a map's running maximum, largest magnitude and poison
+// (NaN once any value is NaN or infinite).
+inline void scan_tail(const float* v, int64_t from, int64_t n, float& m, float& a, float& poison) {
+  for (int64_t j = from; j < n; ++j) {
+    m = v[j] > m ? v[j] : m;
+    const float x = std::fabs(v[j]);
+    a = x > a ? x : a;
+    poison += v[j] * 0.0f;
+  }
+}
+
 int64_t scan_maps_scalar(const float* base, int64_t count, int64_t stride, int64_t n, float* mx, float* amax) {
   float poison = 0.0f;
   for (int64_t i = 0; i < count; ++i) {
-    const float* v = base + i * stride;
     float m = -INFINITY, a = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-      m = v[j] > m ? v[j] : m;
-      const float x = std::fabs(v[j]);
-      a = x > a ? x : a;
-      poison += v[j] * 0.0f;
-    }
+    scan_tail(base + i * stride, 0, n, m, a, poison);
     mx[i] = m;
     amax[i] = a;
   }
@@ -219,12 +224,7 @@ __attribute__((target("avx2,fma"))) int64_t scan_maps_avx2(const float* base, in
       mm = m8[j] > mm ? m8[j] : mm;
       aa = a8[j] > aa ? a8[j] : aa;
     }
-    for (int64_t j = full; j < n; ++j) {
-      mm = v[j] > mm ? v[j] : mm;
-      const float x = std::fabs(v[j]);
-      aa = x > aa ? x : aa;
-      tail_poison += v[j] * 0.0f;
-    }
+    scan_tail(v, full, n, mm, aa, tail_poison);
     mx[i] = mm;
     amax[i] = aa;
   }
