@@ -194,3 +194,32 @@ def test_bad_input_is_named():
     with pytest.raises(RuntimeError, match="CUDA is not usable"):
         Tally(ds, thr, device="cuda") if not ndf.backends()["cuda"]["usable"] else (_ for _ in ()).throw(
             RuntimeError("CUDA is not usable (skipped: a GPU is present)"))
+
+
+def test_score_reads_h5py_and_memmap_in_batches(tmp_path):
+    import h5py
+    rng = np.random.default_rng(19)
+    ds = random_dataset(rng, n_images=11)
+    acts = smooth_activations(rng, 11, 4, 7, 7)
+    ref = ndf.score(acts, ds, device="cpu", progress=False, top_n=3, batch_size=4)
+    np.save(tmp_path / "a.npy", acts)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("acts", data=acts, chunks=(4, 4, 7, 7))
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        dset = f["acts"]
+
+        class Spy:  # an h5py dataset that records how many rows each read asks for
+            shape, reads = dset.shape, []
+
+            def __getitem__(self, key):
+                self.reads.append(key.stop - key.start)
+                return dset[key]
+        spy = Spy()
+        from_h5 = ndf.score(spy, ds, device="cpu", progress=False, top_n=3, batch_size=4)
+    assert max(spy.reads) == 4  # never the whole array
+    from_mm = ndf.score(mm, ds, device="cpu", progress=False, top_n=3, batch_size=4)
+    for res in (from_h5, from_mm):
+        np.testing.assert_array_equal(res.thresholds, ref.thresholds)
+        np.testing.assert_array_equal(res.intersection, ref.intersection)
+        np.testing.assert_array_equal(res.top.indices, ref.top.indices)
