@@ -57,16 +57,20 @@ int64_t scan_maps_scalar(const float* base, int64_t count, int64_t stride, int64
   return poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
 }
 
-void threshold_row_scalar(const float* top, const float* bot, float wy0, float wy1, float T, int64_t xa,
-                          int64_t xb, uint16_t* chunks) {
-  for (int64_t c = 0; xa + 16 * c < xb; ++c) {
+// Chunk c (columns [px0, px1), at most 16) of every row of a span.
+void threshold_chunk_scalar(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
+                            int64_t px0, int64_t px1, uint16_t* chunk, int64_t cstride) {
+  for (int64_t r = 0; r < rows; ++r) {
     uint32_t m = 0;
-    for (int64_t i = 0; i < 16 && xa + 16 * c + i < xb; ++i) {
-      const int64_t px = xa + 16 * c + i;
-      m |= uint32_t(std::fma(wy0, top[px], wy1 * bot[px]) > T) << i;
-    }
-    chunks[c] = uint16_t(m);
+    for (int64_t px = px0; px < px1; ++px) m |= uint32_t(std::fma(wy[r].w0, top[px], wy[r].w1 * bot[px]) > T) << (px - px0);
+    chunk[r * cstride] = uint16_t(m);
   }
+}
+
+void threshold_span_scalar(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
+                           int64_t xa, int64_t xb, uint16_t* chunks, int64_t cstride) {
+  for (int64_t px = xa, c = 0; px < xb; px += 16, ++c)
+    threshold_chunk_scalar(top, bot, wy, rows, T, px, std::min(px + 16, xb), chunks + c, cstride);
 }
 
 void interp_row_scalar(const float* row, int64_t /*mw*/, const int32_t* x0, const int32_t* x1, const float* wx0,
@@ -259,32 +263,40 @@ __attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, int64
   for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
 }
 
-__attribute__((target("avx512f"))) void threshold_row_avx512(const float* top, const float* bot, float wy0,
-                                                            float wy1, float T, int64_t xa, int64_t xb,
-                                                            uint16_t* chunks) {
-  const __m512 a = _mm512_set1_ps(wy0), b = _mm512_set1_ps(wy1), t = _mm512_set1_ps(T);
+__attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, const float* bot,
+                                                             const AxisWeight* wy, int64_t rows, float T,
+                                                             int64_t xa, int64_t xb, uint16_t* chunks,
+                                                             int64_t cstride) {
+  const __m512 t = _mm512_set1_ps(T);
   for (int64_t px = xa, c = 0; px < xb; px += 16, ++c) {
     const int64_t n = xb - px < 16 ? xb - px : 16;
     const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
     const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
-    const __m512 val = _mm512_fmadd_ps(a, u, _mm512_mul_ps(b, v));
-    chunks[c] = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
+      chunks[r * cstride + c] = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+    }
   }
 }
 
-__attribute__((target("avx2,fma"))) void threshold_row_avx2(const float* top, const float* bot, float wy0,
-                                                           float wy1, float T, int64_t xa, int64_t xb,
-                                                           uint16_t* chunks) {
-  const __m256 a = _mm256_set1_ps(wy0), b = _mm256_set1_ps(wy1), t = _mm256_set1_ps(T);
-  int64_t c = 0, px = xa;
+__attribute__((target("avx2,fma"))) void threshold_span_avx2(const float* top, const float* bot,
+                                                            const AxisWeight* wy, int64_t rows, float T,
+                                                            int64_t xa, int64_t xb, uint16_t* chunks,
+                                                            int64_t cstride) {
+  const __m256 t = _mm256_set1_ps(T);
+  int64_t px = xa, c = 0;
   for (; px + 16 <= xb; px += 16, ++c) {
-    const __m256 lo = _mm256_fmadd_ps(a, _mm256_loadu_ps(top + px), _mm256_mul_ps(b, _mm256_loadu_ps(bot + px)));
-    const __m256 hi =
-        _mm256_fmadd_ps(a, _mm256_loadu_ps(top + px + 8), _mm256_mul_ps(b, _mm256_loadu_ps(bot + px + 8)));
-    chunks[c] = uint16_t(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_GT_OQ)) |
-                         (_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_GT_OQ)) << 8));
+    const __m256 u0 = _mm256_loadu_ps(top + px), u1 = _mm256_loadu_ps(top + px + 8);
+    const __m256 v0 = _mm256_loadu_ps(bot + px), v1 = _mm256_loadu_ps(bot + px + 8);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 a = _mm256_set1_ps(wy[r].w0), b = _mm256_set1_ps(wy[r].w1);
+      const __m256 lo = _mm256_fmadd_ps(a, u0, _mm256_mul_ps(b, v0));
+      const __m256 hi = _mm256_fmadd_ps(a, u1, _mm256_mul_ps(b, v1));
+      chunks[r * cstride + c] = uint16_t(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_GT_OQ)) |
+                                         (_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_GT_OQ)) << 8));
+    }
   }
-  if (px < xb) threshold_row_scalar(top, bot, wy0, wy1, T, px, xb, chunks + c);
+  if (px < xb) threshold_chunk_scalar(top, bot, wy, rows, T, px, xb, chunks + c, cstride);
 }
 
 __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v, int64_t n, float bound,
@@ -311,7 +323,7 @@ __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v,
 
 struct Dispatch {
   AppendGreaterFn append = append_greater_scalar;
-  ThresholdRowFn threshold = threshold_row_scalar;
+  ThresholdSpanFn threshold = threshold_span_scalar;
   InterpRowFn interp = interp_row_scalar;
   ScanMapsFn maps = scan_maps_scalar;
   SelectTopFn select = select_top_scalar;
@@ -326,14 +338,14 @@ struct Dispatch {
     __builtin_cpu_init();
     if (allow512 && __builtin_cpu_supports("avx512f")) {
       append = append_greater_avx512;
-      threshold = threshold_row_avx512;
+      threshold = threshold_span_avx512;
       interp = interp_row_avx512;
       maps = scan_maps_avx512;
       select = select_top_avx512;
       hot = hot_rows_avx512;
       name = "avx512";
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      threshold = threshold_row_avx2;
+      threshold = threshold_span_avx2;
       interp = interp_row_avx2;
       maps = scan_maps_avx2;
       name = "avx2";
@@ -350,7 +362,7 @@ const Dispatch& dispatch() {
 }  // namespace
 
 AppendGreaterFn append_greater() { return dispatch().append; }
-ThresholdRowFn threshold_row_bits() { return dispatch().threshold; }
+ThresholdSpanFn threshold_span() { return dispatch().threshold; }
 InterpRowFn interp_row() { return dispatch().interp; }
 ScanMapsFn scan_maps() { return dispatch().maps; }
 SelectTopFn select_top() { return dispatch().select; }

@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "ndf/interp.h"
+
 namespace ndf {
 
 using AppendGreaterFn = int64_t (*)(const float* v, int64_t n, float bound, float* out, int64_t count);
@@ -24,12 +26,13 @@ ScanMapsFn scan_maps();
 using HotRowsFn = void (*)(const float* m, int64_t mh, int64_t mw, float t, uint64_t* rowbits);
 HotRowsFn hot_rows();
 
-// Mask of one output row over columns [xa, xb): bit i of chunks[c] is
-// (fma(wy0, top[px], wy1 * bot[px]) > T) for px = xa + 16c + i -- the arithmetic
-// of lerp_y in ndf/interp.h. Whole 16-bit chunks are stored, never merged.
-using ThresholdRowFn = void (*)(const float* top, const float* bot, float wy0, float wy1, float T, int64_t xa,
-                                int64_t xb, uint16_t* chunks);
-ThresholdRowFn threshold_row_bits();
+// Masks of the `rows` output rows of one cell span over columns [xa, xb): bit i
+// of chunks[r * cstride + c] is (fma(wy[r].w0, top[px], wy[r].w1 * bot[px]) > T)
+// for px = xa + 16c + i -- the arithmetic of lerp_y in ndf/interp.h. One call per
+// span: top/bot are loaded once per 16 columns for all its rows.
+using ThresholdSpanFn = void (*)(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
+                                 int64_t xa, int64_t xb, uint16_t* chunks, int64_t cstride);
+ThresholdSpanFn threshold_span();
 
 // out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one
 // source row (mw values) upsampled along x (lerp_x of ndf/interp.h).

@@ -35,13 +35,14 @@ struct Geometry {
 struct Scratch {
   std::vector<float> hrows;       // source rows upsampled along x (mh x sw)
   std::vector<int64_t> hlo, hhi;  // per source row: columns [lo, hi) of hrows are valid
-  std::vector<uint16_t> chunks;
+  int64_t cstride;                // 16-pixel mask chunks per output row
+  std::vector<uint16_t> chunks;   // (rows of one span) x cstride
   std::vector<uint64_t> rowbits;
   std::vector<int64_t> cnt;
   std::vector<int32_t> touched;
   Scratch(const Geometry& g, int64_t max_sets)
       : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
-        chunks(size_t(g.sw / 16 + 2)), rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0) {
+        cstride(g.sw / 16 + 2), chunks(size_t(g.sh * (g.sw / 16 + 2))), rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0) {
     touched.reserve(size_t(max_sets));
   }
 };
@@ -51,7 +52,7 @@ struct Scratch {
 void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const LabelBatchView& lb,
                 const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule,
                 TallyCounts out, Scratch& sc) {
-  const ThresholdRowFn threshold_row = threshold_row_bits();
+  const ThresholdSpanFn threshold = threshold_span();
   const InterpRowFn interp = interp_row();
   const int64_t L = space.num_labels, C = space.num_categories, sw = g.sw;
   int64_t* Ik = out.intersection + k * L;
@@ -103,9 +104,10 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
       }
       const float* top = sc.hrows.data() + int64_t(ys.i0) * sw;
       const float* bot = sc.hrows.data() + int64_t(ys.i1) * sw;
-      uint16_t* chunks = sc.chunks.data();
+      const int64_t cstride = sc.cstride;
+      threshold(top, bot, g.yw.data() + ys.start, ys.end - ys.start, T, xa, xb, sc.chunks.data(), cstride);
       for (int32_t py = ys.start; py < ys.end; ++py) {
-        threshold_row(top, bot, g.yw[size_t(py)].w0, g.yw[size_t(py)].w1, T, xa, xb, chunks);
+        const uint16_t* chunks = sc.chunks.data() + (py - ys.start) * cstride;
         const uint16_t* prow = ps + int64_t(py) * sw;
         const uint16_t* rrow = re + int64_t(py) * sw;
         for (int64_t c = 0; xa + 16 * c < xb; ++c) {
