@@ -13,44 +13,18 @@ namespace py = pybind11;
 using namespace ndf;
 using namespace ndf::bindings;
 
+namespace ndf {
+inline void order_statistic_of(TailQuantileCPU& t, int64_t rank, float* out, int threads) {
+  t.order_statistic(rank, out, int(threads));
+}
+}  // namespace ndf
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "netdissect_fast CPU kernels (C++17 + OpenMP)";
   m.def("isa", &cpu_isa_name, "SIMD variant chosen at run time");
   m.def("max_threads", []() { return omp_get_max_threads(); });
 
-  py::class_<TailQuantileCPU>(m, "TailQuantile")
-      .def(py::init<int64_t, int64_t>(), py::arg("units"), py::arg("keep"))
-      .def_property_readonly("units", &TailQuantileCPU::units)
-      .def_property_readonly("keep", &TailQuantileCPU::keep)
-      .def(
-          "update",
-          [](TailQuantileCPU& self, uintptr_t data, int dtype, int64_t batch, int64_t units,
-             int64_t map_size, int64_t stride_batch, int64_t stride_unit, uintptr_t maxima, int threads) {
-            BadValue bad;
-            {
-              py::gil_scoped_release release;
-              bad = self.update(activation_view(data, dtype, batch, units, map_size, stride_batch, stride_unit),
-                                ptr<float>(maxima), threads);
-            }
-            return py::make_tuple(bad.unit, bad.batch_index, bad.position);
-          })
-      .def("insert",
-           [](TailQuantileCPU& self, int64_t unit, uintptr_t values, int64_t count) {
-             py::gil_scoped_release release;
-             self.insert(unit, ptr<const float>(values), count);
-           })
-      .def("order_statistic",
-           [](TailQuantileCPU& self, int64_t rank, uintptr_t out, int threads) {
-             py::gil_scoped_release release;
-             self.order_statistic(rank, ptr<float>(out), threads);
-           })
-      .def("kept", &TailQuantileCPU::kept)
-      .def("tail", [](TailQuantileCPU& self, int64_t unit) {
-        std::vector<float> v = self.sorted_tail(unit);
-        py::array_t<float> out(py::ssize_t(v.size()));
-        std::copy(v.begin(), v.end(), out.mutable_data());
-        return out;
-      });
+  bind_tail_quantile<TailQuantileCPU>(m);
 
   m.def(
       "tally",

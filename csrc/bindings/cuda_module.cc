@@ -39,6 +39,10 @@ std::vector<int> parse_archs() {
 namespace ndf {
 namespace cuda {
 std::vector<int> compiled_architectures() { return parse_archs(); }
+// The device select runs one block per unit; there is no thread count to pass.
+inline void order_statistic_of(TailQuantileCUDA& t, int64_t rank, float* out, int /*threads*/) {
+  t.order_statistic(rank, out);
+}
 }  // namespace cuda
 }  // namespace ndf
 
@@ -58,39 +62,7 @@ PYBIND11_MODULE(NDF_CUDA_MODULE_NAME, m) {
 #endif
 
   // module_local: _cuda and _cuda_emu bind the same C++ types and may both be loaded.
-  py::class_<TailQuantileCUDA>(m, "TailQuantile", py::module_local())
-      .def(py::init<int64_t, int64_t>(), py::arg("units"), py::arg("keep"))
-      .def_property_readonly("units", &TailQuantileCUDA::units)
-      .def_property_readonly("keep", &TailQuantileCUDA::keep)
-      .def("update",
-           [](TailQuantileCUDA& self, uintptr_t data, int dtype, int64_t batch, int64_t units, int64_t map_size,
-              int64_t stride_batch, int64_t stride_unit, uintptr_t maxima, uintptr_t stream) {
-             const ActivationView v =
-                 activation_view(data, dtype, batch, units, map_size, stride_batch, stride_unit);
-             BadValue bad;
-             {
-               py::gil_scoped_release release;
-               bad = self.update(v, ptr<float>(maxima), stream);
-             }
-             return py::make_tuple(bad.unit, bad.batch_index, bad.position);
-           })
-      .def("insert",
-           [](TailQuantileCUDA& self, int64_t unit, uintptr_t values, int64_t count) {
-             py::gil_scoped_release release;
-             self.insert(unit, ptr<const float>(values), count);
-           })
-      .def("order_statistic",
-           [](TailQuantileCUDA& self, int64_t rank, uintptr_t out, int /*threads*/) {
-             py::gil_scoped_release release;
-             self.order_statistic(rank, ptr<float>(out));
-           })
-      .def("kept", &TailQuantileCUDA::kept)
-      .def("tail", [](TailQuantileCUDA& self, int64_t unit) {
-        std::vector<float> v = self.sorted_tail(unit);
-        py::array_t<float> out(py::ssize_t(v.size()));
-        std::copy(v.begin(), v.end(), out.mutable_data());
-        return out;
-      });
+  bind_tail_quantile<TailQuantileCUDA>(m, py::module_local());
 
   py::class_<DeviceCounts>(m, "DeviceCounts", py::module_local())
       .def(py::init<int64_t, int64_t, int64_t>())
