@@ -182,6 +182,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="label number outside the label space"):
         t.update(acts, np.arange(4), labels=lb)
     assert t.intersection.sum() == 0
+    lb.set_labels[0] = 0  # "unlabelled" is not a label a set may hold
+    with pytest.raises(ValueError, match=r"outside the label space \(0\)"):
+        Tally(ds, thr, device="cpu").update(acts, np.arange(4), labels=lb)
     broken = ds.label_batch(np.arange(4))
     broken.set_label_start = broken.set_label_start.copy()
     broken.set_label_start[3] = broken.set_label_start[-1] + 100  # offsets out of order

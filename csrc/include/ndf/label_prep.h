@@ -19,6 +19,22 @@ struct BatchLabels {
   int64_t max_sets = 0;
 };
 
+// OR of the category bits of labels[from, to). A label number outside 1..L-1
+// sets *bad_at to its index (which is left alone otherwise) and is skipped.
+inline uint32_t label_categories(const int32_t* labels, int64_t from, int64_t to, const LabelSpace& space,
+                                 int64_t* bad_at) {
+  uint32_t m = 0;
+  for (int64_t j = from; j < to; ++j) {
+    const int32_t l = labels[j];
+    if (l < 1 || l >= space.num_labels) {
+      *bad_at = j;
+      continue;
+    }
+    m |= category_bit(space.primary_category, l);
+  }
+  return m;
+}
+
 inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& space, int threads,
                            BatchLabels& out) {
   const int64_t B = lb.batch, sh = lb.seg_h, sw = lb.seg_w, S = lb.set_start[B];
@@ -32,27 +48,18 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
     TallyStatus& st = status[size_t(b)];
     uint32_t cats = 0, level = 0;
     const int64_t s0 = lb.set_start[b], s1 = lb.set_start[b + 1];
+    int64_t bad_at = -1;
     for (int64_t s = s0; s < s1; ++s) {
-      uint32_t m = 0;
-      for (int64_t j = lb.set_label_start[s]; j < lb.set_label_start[s + 1]; ++j) {
-        const int32_t l = lb.set_labels[j];
-        if (l < 1 || l >= space.num_labels) {
-          st = TallyStatus{TallyStatus::BadLabel, b, -1, l};
-          break;
-        }
-        m |= category_bit(space.primary_category, l);
-      }
+      const uint32_t m =
+          label_categories(lb.set_labels, lb.set_label_start[s], lb.set_label_start[s + 1], space, &bad_at);
       out.set_categories[size_t(s)] = m;
       if (lb.set_pixels[s] > 0) cats |= m;
     }
-    for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) {
-      const int32_t l = lb.image_labels[j];
-      if (l < 1 || l >= space.num_labels) {
-        st = TallyStatus{TallyStatus::BadImageLabel, b, -1, l};
-        break;
-      }
-      level |= category_bit(space.primary_category, l);
-    }
+    if (bad_at >= 0) st = TallyStatus{TallyStatus::BadLabel, b, -1, lb.set_labels[bad_at]};
+    bad_at = -1;
+    level = label_categories(lb.image_labels, lb.image_label_start[b], lb.image_label_start[b + 1], space, &bad_at);
+    if (bad_at >= 0 && st.code == TallyStatus::Ok)
+      st = TallyStatus{TallyStatus::BadImageLabel, b, -1, lb.image_labels[bad_at]};
     out.image_categories[size_t(b)] = cats | level;
     out.image_level_categories[size_t(b)] = level;
     const int64_t nsets = s1 - s0;
