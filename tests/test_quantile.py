@@ -144,6 +144,9 @@ def test_without_total_exact_within_budget_and_bounded_beyond():
     # A budget far too small for the tail: the answer is approximate, its bound honest.
     small = feed(ndf.QuantileSketch(2, device="cpu", memory_budget=2 * 8 * 2000), x, 50)
     assert not small.exact
+    restored = ndf.QuantileSketch.from_bytes(small.to_bytes(), device="cpu")
+    assert restored.keep == small.keep and restored.rank_error_bound == small.rank_error_bound
+    np.testing.assert_array_equal(restored.thresholds(), small.thresholds())
     bound = small.rank_error_bound
     assert 0 < bound < 0.005
     vals = per_unit(x)

@@ -158,7 +158,7 @@ def _dtype_name(dt) -> str:
     return s.replace("torch.", "")
 
 
-def activation_view(x, name: str = "activations", allow_devices=("cpu", "cuda")) -> ArrayView:
+def activation_view(x, name: str = "activations") -> ArrayView:
     """View of a float32/float16/bfloat16 array (numpy or torch). Arrays whose
     innermost dimension is strided are copied to contiguous memory."""
     if is_torch_tensor(x):

@@ -220,11 +220,13 @@ class QuantileSketch:
         off += 8
         h = json.loads(data[off:off + hlen])
         off += hlen
+        # A budget of exactly the saved tail size restores the same `keep`, so the
+        # buffers are allocated once, at their saved size.
         obj = cls(h["units"], h["q"], total=h["total"], device=device, threads=threads,
-                  min_level=h["min_level"])
-        if obj.keep != h["keep"]:  # budget-sized sketches keep their size
-            obj.keep = h["keep"]
-            obj._impl = _backend.kernels(obj.device).TailQuantile(obj.units, obj.keep)
+                  min_level=h["min_level"], memory_budget=8 * h["keep"] * h["units"])
+        if obj.keep != h["keep"]:
+            raise ValueError(f"serialized QuantileSketch keeps {h['keep']} values per unit, "
+                             f"restored {obj.keep}")
         counts = np.frombuffer(data, "<i8", h["units"], off)
         off += 8 * h["units"]
         values = np.frombuffer(data, "<f4", int(counts.sum()), off).astype(np.float32)

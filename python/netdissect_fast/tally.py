@@ -300,13 +300,12 @@ def score(activations, dataset, q: float | None = None, rule: str = "paper", ups
     if n_rows is not None and n_rows != len(dataset):
         raise ValueError(f"activations has {n_rows} rows but the dataset has {len(dataset)} images "
                          "(row i must be image i)")
+    n_batches = None if n_rows is None else -(-n_rows // batch_size)
     top = None
     sketch = None
     if thresholds is None:
         total = n_rows * int(np.prod(map_shape)) if n_rows is not None else None
-        sketch = None
-        for idx, batch in _progress(make_iter(), progress, "quantiles",
-                                    None if n_rows is None else -(-n_rows // batch_size)):
+        for idx, batch in _progress(make_iter(), progress, "quantiles", n_batches):
             idx = np.asarray(idx, np.int64)
             if sketch is None:
                 K = int(batch.shape[1])
@@ -320,17 +319,14 @@ def score(activations, dataset, q: float | None = None, rule: str = "paper", ups
             raise ValueError("activations is empty")
         thresholds = sketch.thresholds()
     tally = None
-    for idx, batch in _progress(make_iter(), progress, "tally",
-                                None if n_rows is None else -(-n_rows // batch_size)):
+    top_from_tally = sketch is None  # thresholds were given: top images come from this pass
+    for idx, batch in _progress(make_iter(), progress, "tally", n_batches):
         idx = np.asarray(idx, np.int64)
         if tally is None:
             tally = Tally(dataset, thresholds, rule=rule, upsample=upsample, receptive_field=receptive_field,
                           device=device, threads=threads)
-            if top is None and top_n:
+            if top_from_tally:
                 top = _make_top(tally.units, top_n, tuple(batch.shape[2:]))
-                top_from_tally = True
-            else:
-                top_from_tally = False
         tally.update(batch, idx)
         if top is not None and top_from_tally:
             host = _host(batch)
