@@ -73,6 +73,33 @@ def test_one_unit_many_values_compacts_repeatedly():
     np.testing.assert_array_equal(s.thresholds(), numpy_thresholds(x, 0.995))
 
 
+def test_larger_maps_midstream_keep_the_tail():
+    """Maps larger than a tail's free room make the tails grow while they hold
+    values (keep=10 here: 256 free slots, then 30x30 = 900-value maps)."""
+    rng = np.random.default_rng(13)
+    small = rng.standard_normal((40, 3, 4, 4)).astype(np.float32)
+    big = rng.standard_normal((6, 3, 30, 30)).astype(np.float32)
+    total = small.shape[0] * 16 + big.shape[0] * 900
+    s = ndf.QuantileSketch(3, q=0.998, total=total, device="cpu")
+    feed(s, small, 7)
+    feed(s, big, 2)
+    values = np.concatenate([per_unit(small), per_unit(big)], axis=1)
+    np.testing.assert_array_equal(s.thresholds(), np.quantile(values, 0.998, axis=1))
+
+
+def test_first_non_finite_value_is_reported_among_several():
+    """Several bad values in one batch: the first in (batch position, unit) order,
+    whichever thread meets it first."""
+    x = np.ones((5, 70, 3, 3), np.float32)
+    x[3, 2, 0, 1] = np.nan
+    x[1, 60, 2, 2] = np.inf
+    x[1, 65, 0, 0] = -np.inf
+    for threads in (1, 2, 3):
+        s = ndf.QuantileSketch(70, total=45, device="cpu", threads=threads)
+        with pytest.raises(ValueError, match=r"unit 60, batch position 1, map element 8"):
+            s.update(x)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
 def test_half_precision_inputs(dtype):
     rng = np.random.default_rng(4)

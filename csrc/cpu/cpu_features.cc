@@ -57,6 +57,24 @@ int64_t scan_maps_scalar(const float* base, int64_t count, int64_t stride, int64
   return poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
 }
 
+int64_t scan_append_scalar(const float* base, int64_t count, int64_t stride, int64_t n, const float* bound,
+                           float* tails, int64_t tstride, int64_t* held, int64_t limit, float* mx, bool* bad) {
+  float poison = 0.0f;
+  int64_t i = 0;
+  while (i < count) {
+    const float* v = base + i * stride;
+    float m = -INFINITY, a = 0.0f;
+    scan_tail(v, 0, n, m, a, poison);
+    if (mx) mx[i] = m;
+    const bool hot = m > bound[i];
+    if (hot) held[i] = append_greater_scalar(v, n, bound[i], tails + i * tstride, held[i]);
+    ++i;
+    if (hot && held[i - 1] > limit) break;
+  }
+  *bad = poison != 0.0f;
+  return i;
+}
+
 // Chunk c (columns [px0, px1), at most 16) of every row of a span.
 void threshold_chunk_scalar(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
                             int64_t px0, int64_t px1, uint16_t* chunk, int64_t cstride) {
@@ -97,13 +115,25 @@ float select_top_scalar(float* v, int64_t n, int64_t keep, float* /*tmp*/) {
 template <int Cmp>
 __attribute__((target("avx512f"))) inline int64_t partition_avx512(float* v, int64_t n, float pivot, float* tmp) {
   const __m512 p = _mm512_set1_ps(pivot);
-  int64_t front = 0, back = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = __mmask16(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1u);
+  int64_t front = 0, back = 0, i = 0;
+  // Full vectors: full-width stores of register compresses (a masked compress to
+  // memory is several times slower). front, back <= i, so the 16 lanes written
+  // stay within [0, i + 16): only lanes already read are overwritten.
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    const __mmask16 first = _mm512_cmp_ps_mask(x, p, Cmp);
+    const __mmask16 rest = __mmask16(~first);
+    _mm512_storeu_ps(v + front, _mm512_maskz_compress_ps(first, x));
+    _mm512_storeu_ps(tmp + back, _mm512_maskz_compress_ps(rest, x));
+    front += __builtin_popcount(unsigned(first));
+    back += 16 - __builtin_popcount(unsigned(first));
+  }
+  if (i < n) {  // the last partial vector must not write past n
+    const __mmask16 live = __mmask16((1u << (n - i)) - 1u);
     const __m512 x = _mm512_maskz_loadu_ps(live, v + i);
     const __mmask16 first = _mm512_mask_cmp_ps_mask(live, x, p, Cmp);
     const __mmask16 rest = __mmask16(live & ~first);
-    _mm512_mask_compressstoreu_ps(v + front, first, x);  // front <= i: only read lanes are overwritten
+    _mm512_mask_compressstoreu_ps(v + front, first, x);
     _mm512_mask_compressstoreu_ps(tmp + back, rest, x);
     front += __builtin_popcount(unsigned(first));
     back += __builtin_popcount(unsigned(rest));
@@ -238,6 +268,41 @@ __attribute__((target("avx2,fma"))) int64_t scan_maps_avx2(const float* base, in
   return tail_poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
 }
 
+__attribute__((target("avx2,fma"))) int64_t scan_append_avx2(const float* base, int64_t count, int64_t stride,
+                                                             int64_t n, const float* bound, float* tails,
+                                                             int64_t tstride, int64_t* held, int64_t limit, float* mx,
+                                                             bool* bad) {
+  const __m256 zero = _mm256_setzero_ps(), ninf = _mm256_set1_ps(-INFINITY);
+  __m256 poison = zero;
+  float tail_poison = 0.0f, unused = 0.0f;
+  const int64_t full = n & ~int64_t(7);
+  int64_t i = 0;
+  while (i < count) {
+    const float* v = base + i * stride;
+    __m256 m = ninf;
+    for (int64_t j = 0; j < full; j += 8) {
+      const __m256 x = _mm256_loadu_ps(v + j);
+      m = _mm256_max_ps(m, x);
+      poison = _mm256_fmadd_ps(x, zero, poison);
+    }
+    alignas(32) float m8[8];
+    _mm256_store_ps(m8, m);
+    float mm = m8[0];
+    for (int j = 1; j < 8; ++j) mm = m8[j] > mm ? m8[j] : mm;
+    scan_tail(v, full, n, mm, unused, tail_poison);
+    if (mx) mx[i] = mm;
+    const bool hot = mm > bound[i];
+    if (hot) held[i] = append_greater_scalar(v, n, bound[i], tails + i * tstride, held[i]);
+    ++i;
+    if (hot && held[i - 1] > limit) break;
+  }
+  alignas(32) float p8[8];
+  _mm256_store_ps(p8, poison);
+  for (float p : p8) tail_poison += p;
+  *bad = tail_poison != 0.0f;
+  return i;
+}
+
 // Same loop compiled for FMA hardware: std::fma becomes one instruction (the
 // baseline build calls libm's correctly rounded fmaf instead).
 __attribute__((target("avx512f"))) void interp_row_avx512(const float* row, int64_t mw, const int32_t* x0,
@@ -319,10 +384,71 @@ __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v,
   return count;
 }
 
+// One pass per map: compare against the unit's bound (and classify for NaN/Inf)
+// while loading; only a map holding a value above the bound is read again, from
+// L1, and its qualifying values compressed into the tail with full-width stores
+// (the tails have 16 floats of slack for them).
+__attribute__((target("avx512f,avx512dq"))) int64_t scan_append_avx512(const float* base, int64_t count,
+                                                                       int64_t stride, int64_t n, const float* bound,
+                                                                       float* tails, int64_t tstride, int64_t* held,
+                                                                       int64_t limit, float* mx, bool* bad) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const int64_t full = n & ~int64_t(15);
+  const __mmask16 tail = __mmask16((1u << (n - full)) - 1u);
+  constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // QNaN, +Inf, -Inf, SNaN
+  constexpr int64_t kAhead = 16;  // maps
+  __mmask16 nonfinite = 0;
+  int64_t i = 0;
+  while (i < count) {
+    const float* v = base + i * stride;
+    if (i + kAhead < count) {  // hardware prefetchers alone leave a thread at ~half the bandwidth
+      const char* p = reinterpret_cast<const char*>(v + kAhead * stride);
+      for (int64_t off = 0; off < n * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    }
+    const __m512 b = _mm512_set1_ps(bound[i]);
+    __mmask16 hot = 0;
+    __m512 m = ninf;
+    for (int64_t j = 0; j < full; j += 16) {
+      const __m512 x = _mm512_loadu_ps(v + j);
+      hot |= _mm512_cmp_ps_mask(x, b, _CMP_GT_OQ);
+      nonfinite |= _mm512_fpclass_ps_mask(x, kNonFinite);
+      if (mx) m = _mm512_max_ps(m, x);
+    }
+    if (tail) {
+      const __m512 x = _mm512_maskz_loadu_ps(tail, v + full);
+      hot |= _mm512_mask_cmp_ps_mask(tail, x, b, _CMP_GT_OQ);
+      nonfinite |= _mm512_mask_fpclass_ps_mask(tail, x, kNonFinite);
+      if (mx) m = _mm512_mask_max_ps(m, tail, m, x);
+    }
+    if (mx) mx[i] = _mm512_reduce_max_ps(m);
+    ++i;
+    if (!hot) continue;
+    float* out = tails + (i - 1) * tstride;
+    int64_t c = held[i - 1];
+    for (int64_t j = 0; j < full; j += 16) {
+      const __m512 x = _mm512_loadu_ps(v + j);
+      const __mmask16 k = _mm512_cmp_ps_mask(x, b, _CMP_GT_OQ);
+      _mm512_storeu_ps(out + c, _mm512_maskz_compress_ps(k, x));
+      c += __builtin_popcount(unsigned(k));
+    }
+    if (tail) {
+      const __m512 x = _mm512_maskz_loadu_ps(tail, v + full);
+      const __mmask16 k = _mm512_mask_cmp_ps_mask(tail, x, b, _CMP_GT_OQ);
+      _mm512_storeu_ps(out + c, _mm512_maskz_compress_ps(k, x));
+      c += __builtin_popcount(unsigned(k));
+    }
+    held[i - 1] = c;
+    if (c > limit) break;
+  }
+  *bad = nonfinite != 0;
+  return i;
+}
+
 #endif
 
 struct Dispatch {
   AppendGreaterFn append = append_greater_scalar;
+  ScanAppendFn scan_append = scan_append_scalar;
   ThresholdSpanFn threshold = threshold_span_scalar;
   InterpRowFn interp = interp_row_scalar;
   ScanMapsFn maps = scan_maps_scalar;
@@ -336,8 +462,9 @@ struct Dispatch {
     const bool allow512 = !cap || std::strcmp(cap, "avx512") == 0;
     const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
     __builtin_cpu_init();
-    if (allow512 && __builtin_cpu_supports("avx512f")) {
+    if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
       append = append_greater_avx512;
+      scan_append = scan_append_avx512;
       threshold = threshold_span_avx512;
       interp = interp_row_avx512;
       maps = scan_maps_avx512;
@@ -348,6 +475,7 @@ struct Dispatch {
       threshold = threshold_span_avx2;
       interp = interp_row_avx2;
       maps = scan_maps_avx2;
+      scan_append = scan_append_avx2;
       name = "avx2";
     }
 #endif
@@ -365,6 +493,7 @@ AppendGreaterFn append_greater() { return dispatch().append; }
 ThresholdSpanFn threshold_span() { return dispatch().threshold; }
 InterpRowFn interp_row() { return dispatch().interp; }
 ScanMapsFn scan_maps() { return dispatch().maps; }
+ScanAppendFn scan_append() { return dispatch().scan_append; }
 SelectTopFn select_top() { return dispatch().select; }
 HotRowsFn hot_rows() { return dispatch().hot; }
 const char* cpu_isa_name() { return dispatch().name; }

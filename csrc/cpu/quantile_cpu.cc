@@ -14,84 +14,86 @@
 
 namespace ndf {
 
-TailQuantileCPU::TailQuantileCPU(int64_t units, int64_t keep)
-    // Slack of keep/2 values: compaction (a vectorized select, O(capacity)) stays
-    // O(1) per appended value while the bound rises often enough that most maps
-    // are rejected by one compare (a larger slack keeps a stale, low bound longer).
-    : units_(units), keep_(keep), capacity_(keep + std::max<int64_t>(keep / 2, 256)) {
-  values_.resize(size_t(units_ * capacity_));
+TailQuantileCPU::TailQuantileCPU(int64_t units, int64_t keep) : units_(units), keep_(keep) {
   count_.assign(size_t(units_), 0);
   bound_.assign(size_t(units_), -std::numeric_limits<float>::infinity());
+  reserve_room(0);
+}
+
+void TailQuantileCPU::reserve_room(int64_t n) {
+  // Slack of keep/2 values: compaction (a vectorized select, O(capacity)) stays
+  // O(1) per appended value while the bound rises often enough that most maps
+  // are rejected by one compare (a larger slack keeps a stale, low bound longer).
+  // A whole map must fit after a compaction, so the scan appends map by map.
+  const int64_t capacity = keep_ + std::max({keep_ / 2, int64_t(256), n});
+  if (capacity <= capacity_) return;
+  const int64_t stride = capacity + kStoreSlack;
+  std::vector<float> grown(size_t(units_ * stride));
+  for (int64_t k = 0; k < units_; ++k)
+    std::copy_n(values_.data() + k * stride_, count_[size_t(k)], grown.data() + k * stride);
+  values_.swap(grown);
+  capacity_ = capacity;
+  stride_ = stride;
 }
 
 void TailQuantileCPU::compact(int64_t unit) {
-  float* v = values_.data() + unit * capacity_;
-  int64_t& c = count_[unit];
+  float* v = values_.data() + unit * stride_;
+  int64_t& c = count_[size_t(unit)];
   if (c <= keep_) return;
   static thread_local std::vector<float> tmp;
   if (tmp.size() < size_t(c)) tmp.resize(size_t(capacity_));
   // Everything kept is >= the returned value; a later value equal to it cannot
   // change the multiset of the `keep` largest, so strict '>' filtering stays exact.
-  bound_[unit] = select_top()(v, c, keep_, tmp.data());
+  bound_[size_t(unit)] = select_top()(v, c, keep_, tmp.data());
   c = keep_;
 }
 
-void TailQuantileCPU::offer(int64_t unit, const float* v, int64_t n) {
-  float* buf = values_.data() + unit * capacity_;
-  int64_t& c = count_[unit];
+void TailQuantileCPU::insert(int64_t unit, const float* values, int64_t n) {
+  float* buf = values_.data() + unit * stride_;
+  int64_t& c = count_[size_t(unit)];
   const int64_t room = capacity_ - keep_;
   for (int64_t s = 0; s < n; s += room) {  // chunks that always fit after a compaction
     const int64_t m = std::min(room, n - s);
     if (c + m > capacity_) compact(unit);
-    c = append_greater()(v + s, m, bound_[unit], buf, c);
+    c = append_greater()(values + s, m, bound_[size_t(unit)], buf, c);
   }
-}
-
-void TailQuantileCPU::insert(int64_t unit, const float* values, int64_t count) {
-  offer(unit, values, count);
 }
 
 namespace {
 
 template <DType D>
 BadValue scan_batch(TailQuantileCPU& self, const ActivationView& a, float* maxima, int threads) {
-  const ScanMapsFn scan = scan_maps();
+  const ScanAppendFn scan = scan_append();
   const int64_t K = a.units, B = a.batch, n = a.map_size;
   std::vector<BadValue> bad(size_t(std::max(threads, 1)));
 #pragma omp parallel num_threads(threads)
   {
+    // Each thread owns a fixed range of units, so a unit's tail has one writer
+    // and the result cannot depend on the thread count. Images go in order; the
+    // hot state of a range (bounds, counts, the end of each tail) stays in L2.
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
-    // Images in tiles: each unit's offers for a tile come back to back, so its
-    // buffer stays in cache (as in the tally).
-    constexpr int64_t kTile = 8;
-    const int64_t R = k1 - k0;
-    std::vector<float> scratch(D == DType::F32 ? 0 : static_cast<size_t>(kTile * R * n));
-    std::vector<float> mx(static_cast<size_t>(kTile * R)), amax(static_cast<size_t>(kTile * R));
-    const float* base[kTile];
-    int64_t stride[kTile];
+    const int64_t k0 = K * t / T, k1 = K * (t + 1) / T, R = k1 - k0;
+    std::vector<float> scratch(D == DType::F32 ? 0 : static_cast<size_t>(R * n));
+    const int64_t limit = self.capacity() - n;
     BadValue& my_bad = bad[size_t(t)];
-    for (int64_t b0 = 0; b0 < B && R > 0 && my_bad.unit < 0; b0 += kTile) {
-      const int64_t nb = std::min(kTile, B - b0);
-      for (int64_t j = 0; j < nb; ++j) {
-        base[j] = unit_range_as_float<D>(a, b0 + j, k0, k1, scratch.data() + j * R * n, &stride[j]);
-        const int64_t first = scan(base[j], R, stride[j], n, mx.data() + j * R, amax.data() + j * R);
-        if (first >= 0) {
-          const float* v = base[j] + first * stride[j];
-          int64_t pos = 0;
-          while (pos < n && std::isfinite(v[pos])) ++pos;
-          my_bad = BadValue{k0 + first, b0 + j, pos};
-          break;
-        }
+    for (int64_t b = 0; b < B && R > 0; ++b) {
+      int64_t stride = 0;
+      const float* base = unit_range_as_float<D>(a, b, k0, k1, scratch.data(), &stride);
+      float* mx = maxima ? maxima + b * K + k0 : nullptr;
+      bool poisoned = false;
+      for (int64_t i = 0; i < R && !poisoned;) {
+        i += scan(base + i * stride, R - i, stride, n, self.bounds() + k0 + i, self.tail(k0 + i), self.tail_stride(),
+                  self.counts() + k0 + i, limit, mx ? mx + i : nullptr, &poisoned);
+        if (self.counts()[k0 + i - 1] > limit) self.compact(k0 + i - 1);
       }
-      if (my_bad.unit >= 0) break;
-      for (int64_t i = 0; i < R; ++i) {
-        const int64_t k = k0 + i;
-        for (int64_t j = 0; j < nb; ++j) {
-          const float m = mx[size_t(j * R + i)];
-          if (maxima) maxima[(b0 + j) * K + k] = m;
-          if (m > self.bound(k)) self.offer(k, base[j] + i * stride[j], n);
-        }
+      if (poisoned) {  // rare: locate the first non-finite value of this image
+        std::vector<float> m(static_cast<size_t>(R)), am(static_cast<size_t>(R));
+        const int64_t first = scan_maps()(base, R, stride, n, m.data(), am.data());
+        const float* v = base + first * stride;
+        int64_t pos = 0;
+        while (pos < n && std::isfinite(v[pos])) ++pos;
+        my_bad = BadValue{k0 + first, b, pos};
+        break;
       }
     }
   }
@@ -106,6 +108,7 @@ BadValue scan_batch(TailQuantileCPU& self, const ActivationView& a, float* maxim
 }  // namespace
 
 BadValue TailQuantileCPU::update(const ActivationView& view, float* maxima, int threads) {
+  reserve_room(view.map_size);
   switch (view.dtype) {
     case DType::F32:
       return scan_batch<DType::F32>(*this, view, maxima, threads);
@@ -118,7 +121,7 @@ BadValue TailQuantileCPU::update(const ActivationView& view, float* maxima, int 
 }
 
 std::vector<float> TailQuantileCPU::sorted_tail(int64_t unit) {
-  const float* v = values_.data() + unit * capacity_;
+  const float* v = values_.data() + unit * stride_;
   std::vector<float> out(v, v + count_[unit]);
   std::sort(out.begin(), out.end(), std::greater<float>());
   if (int64_t(out.size()) > keep_) out.resize(size_t(keep_));
@@ -138,7 +141,7 @@ void TailQuantileCPU::order_statistic(int64_t rank, float* out, int threads) {
         continue;
       }
       // The (rank+1) largest, rearranged within the buffer: the kept multiset is unchanged.
-      out[k] = select(values_.data() + k * capacity_, c, rank + 1, tmp.data());
+      out[k] = select(values_.data() + k * stride_, c, rank + 1, tmp.data());
     }
   }
 }

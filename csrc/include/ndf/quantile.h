@@ -18,7 +18,8 @@ class TailQuantileCPU {
 
   // Scans a batch. Writes per-(image, unit) maxima to `maxima` (B*K floats,
   // row-major) when not null. Returns the first non-finite value's location
-  // (unit == -1 when all values are finite); the state is unchanged then.
+  // (unit == -1 when all values are finite); the state is then partly updated
+  // and must not be used further (the Python layer refuses to).
   BadValue update(const ActivationView& view, float* maxima, int threads);
 
   // Adds `count` values to unit k's tail (merging shards, restoring state).
@@ -31,15 +32,23 @@ class TailQuantileCPU {
   void order_statistic(int64_t rank, float* out, int threads);
   int64_t kept(int64_t unit) const { return count_[unit]; }
 
-  // Offers n values of one unit: those above the unit's bound enter its tail.
-  void offer(int64_t unit, const float* v, int64_t n);
-  float bound(int64_t unit) const { return bound_[unit]; }
-
- private:
+  // The scan's view of the state (quantile_cpu.cc): tails of capacity() values
+  // every tail_stride() floats, counts and bounds per unit.
+  int64_t capacity() const { return capacity_; }
+  int64_t tail_stride() const { return stride_; }
+  float* tail(int64_t unit) { return values_.data() + unit * stride_; }
+  int64_t* counts() { return count_.data(); }
+  const float* bounds() const { return bound_.data(); }
+  // Keeps the `keep` largest values of a unit's tail and raises its bound.
   void compact(int64_t unit);
 
-  int64_t units_, keep_, capacity_;
-  std::vector<float> values_;   // units_ * capacity_
+ private:
+  // Grows the tails, if needed, so that n values fit after a compaction.
+  void reserve_room(int64_t n);
+  static constexpr int64_t kStoreSlack = 16;  // full-width vector stores past the count
+
+  int64_t units_, keep_, capacity_ = 0, stride_ = 0;
+  std::vector<float> values_;   // units_ * stride_
   std::vector<int64_t> count_;  // values held per unit
   std::vector<float> bound_;    // values <= bound_ can never enter the tail
 };
