@@ -385,63 +385,98 @@ __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v,
 }
 
 // One pass per map: compare against the unit's bound (and classify for NaN/Inf)
-// while loading; only a map holding a value above the bound is read again, from
-// L1, and its qualifying values compressed into the tail with full-width stores
-// (the tails have 16 floats of slack for them).
-__attribute__((target("avx512f,avx512dq"))) int64_t scan_append_avx512(const float* base, int64_t count,
-                                                                       int64_t stride, int64_t n, const float* bound,
-                                                                       float* tails, int64_t tstride, int64_t* held,
-                                                                       int64_t limit, float* mx, bool* bad) {
+// while loading; a map holding a value above the bound has its qualifying values
+// compressed into the tail with full-width stores (the tails have 16 floats of
+// slack for them). NV > 0: maps of at most 16 * NV values, kept in registers;
+// NV == 0: any size, a hot map is read again (from L1).
+template <int NV>
+__attribute__((target("avx512f,avx512dq"))) inline int64_t scan_append_avx512_impl(
+    const float* base, int64_t count, int64_t stride, int64_t n, const float* bound, float* tails, int64_t tstride,
+    int64_t* held, int64_t limit, float* mx, bool* bad) {
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
-  const int64_t full = n & ~int64_t(15);
-  const __mmask16 tail = __mmask16((1u << (n - full)) - 1u);
+  const int64_t full = NV > 0 ? 16 * (NV - 1) : n & ~int64_t(15);
+  const __mmask16 tail = __mmask16(n - full >= 16 ? 0xffffu : (1u << (n - full)) - 1u);
   constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // QNaN, +Inf, -Inf, SNaN
-  constexpr int64_t kAhead = 16;  // maps
+  constexpr int64_t kAhead = 16;  // maps; hardware prefetchers alone leave a thread at ~half the bandwidth
   __mmask16 nonfinite = 0;
   int64_t i = 0;
   while (i < count) {
     const float* v = base + i * stride;
-    if (i + kAhead < count) {  // hardware prefetchers alone leave a thread at ~half the bandwidth
+    if (i + kAhead < count) {
       const char* p = reinterpret_cast<const char*>(v + kAhead * stride);
       for (int64_t off = 0; off < n * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
     }
     const __m512 b = _mm512_set1_ps(bound[i]);
+    constexpr int R = NV > 0 ? NV : 1;
+    __m512 x[R];
+    __mmask16 k[R];
     __mmask16 hot = 0;
     __m512 m = ninf;
-    for (int64_t j = 0; j < full; j += 16) {
-      const __m512 x = _mm512_loadu_ps(v + j);
-      hot |= _mm512_cmp_ps_mask(x, b, _CMP_GT_OQ);
-      nonfinite |= _mm512_fpclass_ps_mask(x, kNonFinite);
-      if (mx) m = _mm512_max_ps(m, x);
-    }
-    if (tail) {
-      const __m512 x = _mm512_maskz_loadu_ps(tail, v + full);
-      hot |= _mm512_mask_cmp_ps_mask(tail, x, b, _CMP_GT_OQ);
-      nonfinite |= _mm512_mask_fpclass_ps_mask(tail, x, kNonFinite);
-      if (mx) m = _mm512_mask_max_ps(m, tail, m, x);
+    if constexpr (NV > 0) {
+      for (int j = 0; j < NV; ++j) {
+        const __mmask16 live = j == NV - 1 ? tail : __mmask16(0xffff);
+        x[j] = _mm512_maskz_loadu_ps(live, v + 16 * j);
+        k[j] = _mm512_mask_cmp_ps_mask(live, x[j], b, _CMP_GT_OQ);
+        nonfinite |= _mm512_mask_fpclass_ps_mask(live, x[j], kNonFinite);
+        hot |= k[j];
+        if (mx) m = _mm512_mask_max_ps(m, live, m, x[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < full; j += 16) {
+        const __m512 y = _mm512_loadu_ps(v + j);
+        hot |= _mm512_cmp_ps_mask(y, b, _CMP_GT_OQ);
+        nonfinite |= _mm512_fpclass_ps_mask(y, kNonFinite);
+        if (mx) m = _mm512_max_ps(m, y);
+      }
+      if (tail) {
+        const __m512 y = _mm512_maskz_loadu_ps(tail, v + full);
+        hot |= _mm512_mask_cmp_ps_mask(tail, y, b, _CMP_GT_OQ);
+        nonfinite |= _mm512_mask_fpclass_ps_mask(tail, y, kNonFinite);
+        if (mx) m = _mm512_mask_max_ps(m, tail, m, y);
+      }
     }
     if (mx) mx[i] = _mm512_reduce_max_ps(m);
     ++i;
     if (!hot) continue;
     float* out = tails + (i - 1) * tstride;
     int64_t c = held[i - 1];
-    for (int64_t j = 0; j < full; j += 16) {
-      const __m512 x = _mm512_loadu_ps(v + j);
-      const __mmask16 k = _mm512_cmp_ps_mask(x, b, _CMP_GT_OQ);
-      _mm512_storeu_ps(out + c, _mm512_maskz_compress_ps(k, x));
-      c += __builtin_popcount(unsigned(k));
-    }
-    if (tail) {
-      const __m512 x = _mm512_maskz_loadu_ps(tail, v + full);
-      const __mmask16 k = _mm512_mask_cmp_ps_mask(tail, x, b, _CMP_GT_OQ);
-      _mm512_storeu_ps(out + c, _mm512_maskz_compress_ps(k, x));
-      c += __builtin_popcount(unsigned(k));
+    if constexpr (NV > 0) {
+      for (int j = 0; j < NV; ++j) {
+        _mm512_storeu_ps(out + c, _mm512_maskz_compress_ps(k[j], x[j]));
+        c += __builtin_popcount(unsigned(k[j]));
+      }
+    } else {
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = j < full ? __mmask16(0xffff) : tail;
+        const __m512 y = _mm512_maskz_loadu_ps(live, v + j);
+        const __mmask16 q = _mm512_mask_cmp_ps_mask(live, y, b, _CMP_GT_OQ);
+        _mm512_storeu_ps(out + c, _mm512_maskz_compress_ps(q, y));
+        c += __builtin_popcount(unsigned(q));
+      }
     }
     held[i - 1] = c;
     if (c > limit) break;
   }
   *bad = nonfinite != 0;
   return i;
+}
+
+__attribute__((target("avx512f,avx512dq"))) int64_t scan_append_avx512(const float* base, int64_t count,
+                                                                       int64_t stride, int64_t n, const float* bound,
+                                                                       float* tails, int64_t tstride, int64_t* held,
+                                                                       int64_t limit, float* mx, bool* bad) {
+  switch ((n + 15) / 16) {  // 7x7 .. 8x8 maps: 4 vectors
+    case 1:
+      return scan_append_avx512_impl<1>(base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
+    case 2:
+      return scan_append_avx512_impl<2>(base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
+    case 3:
+      return scan_append_avx512_impl<3>(base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
+    case 4:
+      return scan_append_avx512_impl<4>(base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
+    default:
+      return scan_append_avx512_impl<0>(base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
+  }
 }
 
 #endif
