@@ -9,7 +9,7 @@ import torch
 import netdissect_fast as ndf
 from netdissect_fast.tally import Tally
 from reference import reference_tally, upsample_bilinear, upsample_receptive_field
-from synthetic import random_dataset, smooth_activations
+from synthetic import StubDataset, random_dataset, smooth_activations
 
 
 def run(ds, acts, thresholds, rule="paper", bs=4, device="cpu", threads=None, order=None, **kw):
@@ -120,6 +120,29 @@ def test_receptive_field_mode_matches_its_reference():
     up = upsample_receptive_field(acts, (112, 112), stride, offset)
     t = run(ds, acts, thr, upsample="receptive_field", receptive_field=(stride, offset))
     assert_counts(t, acts, ds, thr, "paper", upsampled=up)
+
+
+@pytest.mark.parametrize("rule", ["paper", "netdissect-lite"])
+def test_a_label_on_two_planes_counts_twice_and_noisy_labels(rule):
+    """Pixels holding the same label on two planes count twice (the reference
+    counts per plane), next to single-pixel label noise on every plane."""
+    rng = np.random.default_rng(18)
+    sh, sw = 112, 112
+    primary = np.array([-1, 0, 0, 1, 2, 1, 3, 2], np.int16)
+    images = []
+    for i in range(5):
+        planes = rng.integers(1, 8, (3, sh // 8, sw // 8)).repeat(8, 1).repeat(8, 2)
+        planes[1, 20:70, 10:90] = planes[0, 20:70, 10:90] = 5  # label 5 on planes 0 and 1
+        planes[2, 30:60, 30:60] = 5                             # ... and on all three here
+        noise = rng.random((3, sh, sw)) < 0.3
+        planes = np.where(noise, rng.integers(0, 8, (3, sh, sw)), planes)
+        images.append((planes, [int(rng.integers(1, 8))]))
+    ds = StubDataset(images, primary, ["c0", "c1", "c2", "c3"], (sh, sw))
+    acts = smooth_activations(rng, 5, 4, 7, 7)
+    thr = thresholds_for(acts, q=0.9)
+    t = run(ds, acts, thr, rule)
+    assert_counts(t, acts, ds, thr, rule)
+    assert t.intersection[:, 5].sum() > 0
 
 
 def test_images_without_pixel_labels_and_image_level_only():
