@@ -13,6 +13,9 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "ndf/quantile.h"
 #include "cpu_simd.h"
@@ -51,8 +54,37 @@ struct BlockLabels {
   int32_t max_entries = 0;  // in one block
 };
 
+// Bit i (i < n <= 16) set where v[i] != v[i + 1] or i == n - 1: the last pixel of
+// each run of equal set ids in a chunk of n pixels.
+inline uint32_t run_ends(const uint16_t* v, int64_t n) {
+#ifdef __SSE2__
+  if (n == kChunk) {  // SSE2 is part of x86-64: no dispatch needed
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8));
+    const __m128i a_next = _mm_or_si128(_mm_srli_si128(a, 2), _mm_slli_si128(b, 14));
+    const __m128i same = _mm_packs_epi16(_mm_cmpeq_epi16(a, a_next), _mm_cmpeq_epi16(b, _mm_srli_si128(b, 2)));
+    return (~uint32_t(_mm_movemask_epi8(same)) & 0x7fffu) | 0x8000u;
+  }
+#endif
+  uint32_t ends = 1u << (n - 1);
+  for (int64_t i = 0; i + 1 < n; ++i) ends |= uint32_t(v[i] != v[i + 1]) << i;
+  return ends;
+}
+
+// Scratch of build_block_labels, one per thread.
+struct BlockBuilder {
+  std::vector<std::vector<int32_t>> slots;  // [occurrence][label]: entry within the block, or -1
+  std::vector<int32_t> set_slot;            // per local set: its place among the block's sets, or -1
+  std::vector<int32_t> sets;                // the block's sets
+  std::vector<uint64_t> set_bits;           // their bitmaps
+  std::vector<int32_t> occ;                 // per entry of the block: occurrence of its label
+};
+
+// A block is read as runs of equal sets: each run ORs into its set's bitmap; then
+// each set's bitmap is ORed into the entries of its labels (a few per set), so
+// the per-pixel work does not grow with the labels per pixel.
 void build_block_labels(int64_t b, const LabelBatchView& lb, const LabelSpace& space, const Geometry& g,
-                        BlockLabels& out, std::vector<std::vector<int32_t>>& slots, std::vector<int32_t>& occ) {
+                        BlockLabels& out, BlockBuilder& w) {
   out.max_entries = 0;
   out.begin.clear();
   out.bits_at.clear();
@@ -61,45 +93,60 @@ void build_block_labels(int64_t b, const LabelBatchView& lb, const LabelSpace& s
   out.bits.clear();
   const uint16_t* ps = lb.pixel_sets + b * g.sh * g.sw;
   const int64_t s0 = lb.set_start[b];
+  w.set_slot.assign(size_t(lb.set_start[b + 1] - s0), -1);
   for (size_t y = 0; y < g.yspans.size(); ++y) {
     const Span& ys = g.yspans[y];
     const int64_t words = g.words[y];
     for (int64_t c = 0; c < g.nchunks; ++c) {
       const int64_t x0 = c * kChunk, x1 = std::min(g.sw, x0 + kChunk);
+      w.sets.clear();
+      w.set_bits.clear();
+      for (int64_t py = ys.start; py < ys.end; ++py) {
+        const uint16_t* row = ps + py * g.sw;
+        const int64_t word = (py - ys.start) / 4, shift = 16 * ((py - ys.start) % 4);
+        // bit i: pixel x0 + i ends a run (its right neighbour in the chunk differs)
+        const uint32_t ends = run_ends(row + x0, x1 - x0);
+        for (int64_t x = 0; x < x1 - x0;) {
+          const int64_t e = __builtin_ctz(ends >> x) + x + 1;
+          const uint16_t s = row[x0 + x];
+          int32_t& slot = w.set_slot[s];
+          if (slot < 0) {
+            slot = int32_t(w.sets.size());
+            w.sets.push_back(s);
+            w.set_bits.resize(w.set_bits.size() + size_t(words), 0);
+          }
+          w.set_bits[size_t(slot * words + word)] |= uint64_t(((1u << (e - x)) - 1u) << x) << shift;
+          x = e;
+        }
+      }
       const int32_t first = int32_t(out.label.size());
       const int64_t bits0 = int64_t(out.bits.size());
       out.begin.push_back(first);
       out.bits_at.push_back(bits0);
-      occ.clear();
-      for (int64_t py = ys.start; py < ys.end; ++py) {
-        const uint16_t* row = ps + py * g.sw;
-        const int64_t word = (py - ys.start) / 4, shift = 16 * ((py - ys.start) % 4);
-        for (int64_t x = x0; x < x1;) {
-          const uint16_t s = row[x];
-          int64_t e = x + 1;
-          while (e < x1 && row[e] == s) ++e;
-          const uint64_t run = uint64_t(((1u << (e - x)) - 1u) << (x - x0)) << shift;
-          const int64_t gs = s0 + s;
-          int32_t o = 0;  // occurrence of the label within the set (labels ascending)
-          for (int64_t j = lb.set_label_start[gs]; j < lb.set_label_start[gs + 1]; ++j) {
-            const int32_t l = lb.set_labels[j];
-            o = (j > lb.set_label_start[gs] && lb.set_labels[j - 1] == l) ? o + 1 : 0;
-            if (size_t(o) >= slots.size()) slots.emplace_back(size_t(space.num_labels), -1);
-            int32_t& slot = slots[size_t(o)][size_t(l)];
-            if (slot < 0) {
-              slot = int32_t(out.label.size()) - first;
-              out.label.push_back(l);
-              out.category.push_back(category_bit(space.primary_category, l));
-              out.bits.resize(out.bits.size() + size_t(words), 0);
-              occ.push_back(o);
-            }
-            out.bits[size_t(bits0 + slot * words + word)] |= run;
+      w.occ.clear();
+      for (size_t i = 0; i < w.sets.size(); ++i) {
+        const int64_t gs = s0 + w.sets[i];
+        w.set_slot[size_t(w.sets[i])] = -1;
+        const uint64_t* sb = w.set_bits.data() + i * size_t(words);
+        int32_t o = 0;  // occurrence of the label within the set (labels ascending)
+        for (int64_t j = lb.set_label_start[gs]; j < lb.set_label_start[gs + 1]; ++j) {
+          const int32_t l = lb.set_labels[j];
+          o = (j > lb.set_label_start[gs] && lb.set_labels[j - 1] == l) ? o + 1 : 0;
+          if (size_t(o) >= w.slots.size()) w.slots.emplace_back(size_t(space.num_labels), -1);
+          int32_t& slot = w.slots[size_t(o)][size_t(l)];
+          if (slot < 0) {
+            slot = int32_t(out.label.size()) - first;
+            out.label.push_back(l);
+            out.category.push_back(category_bit(space.primary_category, l));
+            out.bits.resize(out.bits.size() + size_t(words), 0);
+            w.occ.push_back(o);
           }
-          x = e;
+          uint64_t* eb = out.bits.data() + bits0 + slot * words;
+          for (int64_t k = 0; k < words; ++k) eb[k] |= sb[k];
         }
       }
-      for (size_t e = 0; e < occ.size(); ++e) slots[size_t(occ[e])][size_t(out.label[size_t(first) + e])] = -1;
-      out.max_entries = std::max(out.max_entries, int32_t(occ.size()));
+      for (size_t e = 0; e < w.occ.size(); ++e) w.slots[size_t(w.occ[e])][size_t(out.label[size_t(first) + e])] = -1;
+      out.max_entries = std::max(out.max_entries, int32_t(w.occ.size()));
     }
   }
   out.begin.push_back(int32_t(out.label.size()));
@@ -257,10 +304,9 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   if (blocks.size() < size_t(a.batch)) blocks.resize(size_t(a.batch));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<std::vector<int32_t>> slots;
-    std::vector<int32_t> occ;
+    BlockBuilder builder;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < a.batch; ++b) build_block_labels(b, lb, space, g, blocks[size_t(b)], slots, occ);
+    for (int64_t b = 0; b < a.batch; ++b) build_block_labels(b, lb, space, g, blocks[size_t(b)], builder);
   }
   int64_t max_entries = 1;
   for (int64_t b = 0; b < a.batch; ++b) max_entries = std::max<int64_t>(max_entries, blocks[size_t(b)].max_entries);
