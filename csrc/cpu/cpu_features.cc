@@ -414,8 +414,7 @@ __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v,
 
 // One pass per map: compare against the unit's bound (and classify for NaN/Inf)
 // while loading; a map holding a value above the bound has its qualifying values
-// compressed into the tail with full-width stores (the tails have 16 floats of
-// slack for them). NV > 0: maps of at most 16 * NV values, kept in registers;
+// compressed into the tail. NV > 0: maps of at most 16 * NV values, kept in registers;
 // NV == 0: any size, a hot map is read again (from L1).
 template <int NV>
 __attribute__((target("avx512f,avx512dq"))) inline int64_t scan_append_avx512_impl(
@@ -433,6 +432,11 @@ __attribute__((target("avx512f,avx512dq"))) inline int64_t scan_append_avx512_im
     if (i + kAhead < count) {
       const char* p = reinterpret_cast<const char*>(v + kAhead * stride);
       for (int64_t off = 0; off < n * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+      // and the end of that map's tail, where a hit would store (last written an
+      // image ago, or never)
+      const char* t = reinterpret_cast<const char*>(tails + (i + kAhead) * tstride + held[i + kAhead]);
+      _mm_prefetch(t, _MM_HINT_T0);
+      _mm_prefetch(t + 60, _MM_HINT_T0);
     }
     const __m512 b = _mm512_set1_ps(bound[i]);
     constexpr int R = NV > 0 ? NV : 1;
@@ -469,8 +473,10 @@ __attribute__((target("avx512f,avx512dq"))) inline int64_t scan_append_avx512_im
     float* out = tails + (i - 1) * tstride;
     int64_t c = held[i - 1];
     if constexpr (NV > 0) {
+      // Masked stores: a full-width store would touch the next, cold line of the
+      // tail on most hits (a hit appends ~4 values).
       for (int j = 0; j < NV; ++j) {
-        _mm512_storeu_ps(out + c, _mm512_maskz_compress_ps(k[j], x[j]));
+        _mm512_mask_compressstoreu_ps(out + c, k[j], x[j]);
         c += __builtin_popcount(unsigned(k[j]));
       }
     } else {
@@ -478,7 +484,7 @@ __attribute__((target("avx512f,avx512dq"))) inline int64_t scan_append_avx512_im
         const __mmask16 live = j < full ? __mmask16(0xffff) : tail;
         const __m512 y = _mm512_maskz_loadu_ps(live, v + j);
         const __mmask16 q = _mm512_mask_cmp_ps_mask(live, y, b, _CMP_GT_OQ);
-        _mm512_storeu_ps(out + c, _mm512_maskz_compress_ps(q, y));
+        _mm512_mask_compressstoreu_ps(out + c, q, y);
         c += __builtin_popcount(unsigned(q));
       }
     }

@@ -24,11 +24,10 @@ ScanMapsFn scan_maps();
 
 // The quantile scan, one pass per map: for maps i in [0, count) of n floats at
 // base + i * stride, appends the values > bound[i] to tail i (tails + i * tstride,
-// holding held[i] values; full-width stores may write 16 floats past the end, so
-// each tail has that much slack) and writes the map's maximum to mx[i] when mx is
-// not null. Stops after the first map whose tail then holds more than `limit`
-// values (the caller compacts it); returns how many maps were done. *bad is set
-// when any value seen was NaN or infinite.
+// holding held[i] values) and writes the map's maximum to mx[i] when mx is not
+// null. Stops after the first map whose tail then holds more than `limit` values
+// (the caller compacts it); returns how many maps were done. *bad is set when
+// any value seen was NaN or infinite.
 using ScanAppendFn = int64_t (*)(const float* base, int64_t count, int64_t stride, int64_t n, const float* bound,
                                  float* tails, int64_t tstride, int64_t* held, int64_t limit, float* mx, bool* bad);
 ScanAppendFn scan_append();

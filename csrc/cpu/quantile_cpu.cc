@@ -27,17 +27,15 @@ void TailQuantileCPU::reserve_room(int64_t n) {
   // A whole map must fit after a compaction, so the scan appends map by map.
   const int64_t capacity = keep_ + std::max({keep_ / 2, int64_t(256), n});
   if (capacity <= capacity_) return;
-  const int64_t stride = capacity + kStoreSlack;
-  std::vector<float> grown(size_t(units_ * stride));
+  std::vector<float> grown(size_t(units_ * capacity));
   for (int64_t k = 0; k < units_; ++k)
-    std::copy_n(values_.data() + k * stride_, count_[size_t(k)], grown.data() + k * stride);
+    std::copy_n(values_.data() + k * capacity_, count_[size_t(k)], grown.data() + k * capacity);
   values_.swap(grown);
   capacity_ = capacity;
-  stride_ = stride;
 }
 
 void TailQuantileCPU::compact(int64_t unit) {
-  float* v = values_.data() + unit * stride_;
+  float* v = values_.data() + unit * capacity_;
   int64_t& c = count_[size_t(unit)];
   if (c <= keep_) return;
   static thread_local std::vector<float> tmp;
@@ -49,7 +47,7 @@ void TailQuantileCPU::compact(int64_t unit) {
 }
 
 void TailQuantileCPU::insert(int64_t unit, const float* values, int64_t n) {
-  float* buf = values_.data() + unit * stride_;
+  float* buf = values_.data() + unit * capacity_;
   int64_t& c = count_[size_t(unit)];
   const int64_t room = capacity_ - keep_;
   for (int64_t s = 0; s < n; s += room) {  // chunks that always fit after a compaction
@@ -82,7 +80,7 @@ BadValue scan_batch(TailQuantileCPU& self, const ActivationView& a, float* maxim
       float* mx = maxima ? maxima + b * K + k0 : nullptr;
       bool poisoned = false;
       for (int64_t i = 0; i < R && !poisoned;) {
-        i += scan(base + i * stride, R - i, stride, n, self.bounds() + k0 + i, self.tail(k0 + i), self.tail_stride(),
+        i += scan(base + i * stride, R - i, stride, n, self.bounds() + k0 + i, self.tail(k0 + i), self.capacity(),
                   self.counts() + k0 + i, limit, mx ? mx + i : nullptr, &poisoned);
         if (self.counts()[k0 + i - 1] > limit) self.compact(k0 + i - 1);
       }
@@ -121,7 +119,7 @@ BadValue TailQuantileCPU::update(const ActivationView& view, float* maxima, int 
 }
 
 std::vector<float> TailQuantileCPU::sorted_tail(int64_t unit) {
-  const float* v = values_.data() + unit * stride_;
+  const float* v = values_.data() + unit * capacity_;
   std::vector<float> out(v, v + count_[unit]);
   std::sort(out.begin(), out.end(), std::greater<float>());
   if (int64_t(out.size()) > keep_) out.resize(size_t(keep_));
@@ -141,7 +139,7 @@ void TailQuantileCPU::order_statistic(int64_t rank, float* out, int threads) {
         continue;
       }
       // The (rank+1) largest, rearranged within the buffer: the kept multiset is unchanged.
-      out[k] = select(values_.data() + k * stride_, c, rank + 1, tmp.data());
+      out[k] = select(values_.data() + k * capacity_, c, rank + 1, tmp.data());
     }
   }
 }

@@ -32,11 +32,10 @@ class TailQuantileCPU {
   void order_statistic(int64_t rank, float* out, int threads);
   int64_t kept(int64_t unit) const { return count_[unit]; }
 
-  // The scan's view of the state (quantile_cpu.cc): tails of capacity() values
-  // every tail_stride() floats, counts and bounds per unit.
+  // The scan's view of the state (quantile_cpu.cc): a tail of capacity() values
+  // per unit, back to back, and counts and bounds per unit.
   int64_t capacity() const { return capacity_; }
-  int64_t tail_stride() const { return stride_; }
-  float* tail(int64_t unit) { return values_.data() + unit * stride_; }
+  float* tail(int64_t unit) { return values_.data() + unit * capacity_; }
   int64_t* counts() { return count_.data(); }
   const float* bounds() const { return bound_.data(); }
   // Keeps the `keep` largest values of a unit's tail and raises its bound.
@@ -45,10 +44,9 @@ class TailQuantileCPU {
  private:
   // Grows the tails, if needed, so that n values fit after a compaction.
   void reserve_room(int64_t n);
-  static constexpr int64_t kStoreSlack = 16;  // full-width vector stores past the count
 
-  int64_t units_, keep_, capacity_ = 0, stride_ = 0;
-  std::vector<float> values_;   // units_ * stride_
+  int64_t units_, keep_, capacity_ = 0;
+  std::vector<float> values_;   // units_ * capacity_
   std::vector<int64_t> count_;  // values held per unit
   std::vector<float> bound_;    // values <= bound_ can never enter the tail
 };
