@@ -77,29 +77,18 @@ int64_t scan_append_scalar(const float* base, int64_t count, int64_t stride, int
 
 // Chunk c (columns [px0, px1), at most 16) of every row of a span.
 void threshold_chunk_scalar(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                            int64_t px0, int64_t px1, uint16_t* chunk, int64_t row_step) {
+                            int64_t px0, int64_t px1, uint16_t* chunk, int64_t cstride) {
   for (int64_t r = 0; r < rows; ++r) {
     uint32_t m = 0;
     for (int64_t px = px0; px < px1; ++px) m |= uint32_t(std::fma(wy[r].w0, top[px], wy[r].w1 * bot[px]) > T) << (px - px0);
-    chunk[r * row_step] = uint16_t(m);
+    chunk[r * cstride] = uint16_t(m);
   }
 }
 
 void threshold_span_scalar(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                           int64_t xa, int64_t xb, uint16_t* chunks, int64_t row_step, int64_t chunk_step) {
+                           int64_t xa, int64_t xb, uint16_t* chunks, int64_t cstride) {
   for (int64_t px = xa, c = 0; px < xb; px += 16, ++c)
-    threshold_chunk_scalar(top, bot, wy, rows, T, px, std::min(px + 16, xb), chunks + c * chunk_step, row_step);
-}
-
-int64_t mask_counts_scalar(const uint64_t* mask, int64_t words, const uint64_t* bits, int64_t n, int64_t* counts) {
-  for (int64_t e = 0; e < n; ++e) {
-    int64_t c = 0;
-    for (int64_t w = 0; w < words; ++w) c += __builtin_popcountll(mask[w] & bits[e * words + w]);
-    counts[e] = c;
-  }
-  int64_t total = 0;
-  for (int64_t w = 0; w < words; ++w) total += __builtin_popcountll(mask[w]);
-  return total;
+    threshold_chunk_scalar(top, bot, wy, rows, T, px, std::min(px + 16, xb), chunks + c, cstride);
 }
 
 void interp_row_scalar(const float* row, int64_t /*mw*/, const int32_t* x0, const int32_t* x1, const float* wx0,
@@ -220,10 +209,6 @@ __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, i
     const int64_t group = count - i0 < 16 ? count - i0 : 16;
     for (int64_t g = 0; g < 16; ++g) {
       const float* v = base + (i0 + (g < group ? g : 0)) * stride;  // pad a short group with map i0
-      if (i0 + 16 + g < count) {  // the next group: hardware prefetchers alone leave a thread at ~half the bandwidth
-        const char* p = reinterpret_cast<const char*>(base + (i0 + 16 + g) * stride);
-        for (int64_t off = 0; off < n * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-      }
       __m512 mm = ninf, aa = zero;
       for (int64_t j = 0; j < full; j += 16) {
         const __m512 x = _mm512_loadu_ps(v + j);
@@ -346,7 +331,7 @@ __attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, int64
 __attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, const float* bot,
                                                              const AxisWeight* wy, int64_t rows, float T,
                                                              int64_t xa, int64_t xb, uint16_t* chunks,
-                                                             int64_t row_step, int64_t chunk_step) {
+                                                             int64_t cstride) {
   const __m512 t = _mm512_set1_ps(T);
   for (int64_t px = xa, c = 0; px < xb; px += 16, ++c) {
     const int64_t n = xb - px < 16 ? xb - px : 16;
@@ -354,7 +339,7 @@ __attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, 
     const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
-      chunks[r * row_step + c * chunk_step] = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+      chunks[r * cstride + c] = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
     }
   }
 }
@@ -362,7 +347,7 @@ __attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, 
 __attribute__((target("avx2,fma"))) void threshold_span_avx2(const float* top, const float* bot,
                                                             const AxisWeight* wy, int64_t rows, float T,
                                                             int64_t xa, int64_t xb, uint16_t* chunks,
-                                                            int64_t row_step, int64_t chunk_step) {
+                                                            int64_t cstride) {
   const __m256 t = _mm256_set1_ps(T);
   int64_t px = xa, c = 0;
   for (; px + 16 <= xb; px += 16, ++c) {
@@ -372,24 +357,11 @@ __attribute__((target("avx2,fma"))) void threshold_span_avx2(const float* top, c
       const __m256 a = _mm256_set1_ps(wy[r].w0), b = _mm256_set1_ps(wy[r].w1);
       const __m256 lo = _mm256_fmadd_ps(a, u0, _mm256_mul_ps(b, v0));
       const __m256 hi = _mm256_fmadd_ps(a, u1, _mm256_mul_ps(b, v1));
-      chunks[r * row_step + c * chunk_step] = uint16_t(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_GT_OQ)) |
+      chunks[r * cstride + c] = uint16_t(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_GT_OQ)) |
                                          (_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_GT_OQ)) << 8));
     }
   }
-  if (px < xb) threshold_chunk_scalar(top, bot, wy, rows, T, px, xb, chunks + c * chunk_step, row_step);
-}
-
-// The same loop with the popcnt instruction (the baseline calls libgcc's).
-__attribute__((target("popcnt"))) int64_t mask_counts_popcnt(const uint64_t* mask, int64_t words,
-                                                             const uint64_t* bits, int64_t n, int64_t* counts) {
-  for (int64_t e = 0; e < n; ++e) {
-    int64_t c = 0;
-    for (int64_t w = 0; w < words; ++w) c += __builtin_popcountll(mask[w] & bits[e * words + w]);
-    counts[e] = c;
-  }
-  int64_t total = 0;
-  for (int64_t w = 0; w < words; ++w) total += __builtin_popcountll(mask[w]);
-  return total;
+  if (px < xb) threshold_chunk_scalar(top, bot, wy, rows, T, px, xb, chunks + c, cstride);
 }
 
 __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v, int64_t n, float bound,
@@ -519,7 +491,6 @@ struct Dispatch {
   AppendGreaterFn append = append_greater_scalar;
   ScanAppendFn scan_append = scan_append_scalar;
   ThresholdSpanFn threshold = threshold_span_scalar;
-  MaskCountsFn counts = mask_counts_scalar;
   InterpRowFn interp = interp_row_scalar;
   ScanMapsFn maps = scan_maps_scalar;
   SelectTopFn select = select_top_scalar;
@@ -536,7 +507,6 @@ struct Dispatch {
       append = append_greater_avx512;
       scan_append = scan_append_avx512;
       threshold = threshold_span_avx512;
-      counts = mask_counts_popcnt;
       interp = interp_row_avx512;
       maps = scan_maps_avx512;
       select = select_top_avx512;
@@ -544,7 +514,6 @@ struct Dispatch {
       name = "avx512";
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       threshold = threshold_span_avx2;
-      counts = mask_counts_popcnt;
       interp = interp_row_avx2;
       maps = scan_maps_avx2;
       scan_append = scan_append_avx2;
@@ -563,7 +532,6 @@ const Dispatch& dispatch() {
 
 AppendGreaterFn append_greater() { return dispatch().append; }
 ThresholdSpanFn threshold_span() { return dispatch().threshold; }
-MaskCountsFn mask_counts() { return dispatch().counts; }
 InterpRowFn interp_row() { return dispatch().interp; }
 ScanMapsFn scan_maps() { return dispatch().maps; }
 ScanAppendFn scan_append() { return dispatch().scan_append; }

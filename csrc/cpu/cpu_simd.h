@@ -37,21 +37,12 @@ using HotRowsFn = void (*)(const float* m, int64_t mh, int64_t mw, float t, uint
 HotRowsFn hot_rows();
 
 // Masks of the `rows` output rows of one cell span over columns [xa, xb): bit i
-// of chunks[r * row_step + c * chunk_step] is
-// (fma(wy[r].w0, top[px], wy[r].w1 * bot[px]) > T) for px = xa + 16c + i -- the
-// arithmetic of lerp_y in ndf/interp.h. One call per span: top/bot are loaded
-// once per 16 columns for all its rows.
+// of chunks[r * cstride + c] is (fma(wy[r].w0, top[px], wy[r].w1 * bot[px]) > T)
+// for px = xa + 16c + i -- the arithmetic of lerp_y in ndf/interp.h. One call per
+// span: top/bot are loaded once per 16 columns for all its rows.
 using ThresholdSpanFn = void (*)(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                                 int64_t xa, int64_t xb, uint16_t* chunks, int64_t row_step, int64_t chunk_step);
+                                 int64_t xa, int64_t xb, uint16_t* chunks, int64_t cstride);
 ThresholdSpanFn threshold_span();
-
-// counts[e] = sum over w < words of popcount(mask[w] & bits[e * words + w]), for
-// e < n: how many pixels of a block's mask each of its labels covers (masks and
-// bitmaps are rows of 16 bits, four rows per 64-bit word). Returns the number of
-// pixels of the mask.
-using MaskCountsFn = int64_t (*)(const uint64_t* mask, int64_t words, const uint64_t* bits, int64_t n,
-                                 int64_t* counts);
-MaskCountsFn mask_counts();
 
 // out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one
 // source row (mw values) upsampled along x (lerp_x of ndf/interp.h).

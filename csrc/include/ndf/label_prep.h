@@ -1,6 +1,6 @@
 // Host-side preparation of a label batch, shared by the CPU and CUDA backends:
 // validation of set ids and label numbers, the category bits of every set and
-// image (SPEC §3), and G (label sizes).
+// image (SPEC §3), runs of equal label sets along rows, and G (label sizes).
 #pragma once
 #include <omp.h>
 
@@ -15,6 +15,8 @@ struct BatchLabels {
   std::vector<uint32_t> set_categories;          // per global set
   std::vector<uint32_t> image_categories;        // per image: categories of all its labels
   std::vector<uint32_t> image_level_categories;  // per image: of its image-level labels
+  std::vector<uint16_t> run_end;                 // per pixel: end column of its run of equal sets
+  int64_t max_sets = 0;
 };
 
 // OR of the category bits of labels[from, to). A label number outside 1..L-1
@@ -39,6 +41,7 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
   out.set_categories.assign(size_t(S), 0);
   out.image_categories.assign(size_t(B), 0);
   out.image_level_categories.assign(size_t(B), 0);
+  out.run_end.resize(size_t(B * sh * sw));
   std::vector<TallyStatus> status(static_cast<size_t>(B));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
@@ -61,17 +64,22 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
     out.image_level_categories[size_t(b)] = level;
     const int64_t nsets = s1 - s0;
     const uint16_t* ps = lb.pixel_sets + b * sh * sw;
-    uint16_t top = 0;  // a vectorizable pass; the offender is looked for only when there is one
-    for (int64_t i = 0; i < sh * sw; ++i) top = std::max(top, ps[i]);
-    if (top >= nsets && st.code == TallyStatus::Ok)
-      for (int64_t i = 0; i < sh * sw; ++i)
-        if (ps[i] >= nsets) {
-          st = TallyStatus{TallyStatus::BadSetId, b, -1, ps[i]};
-          break;
-        }
+    uint16_t* re = out.run_end.data() + b * sh * sw;
+    for (int64_t y = 0; y < sh; ++y) {
+      const uint16_t* row = ps + y * sw;
+      uint16_t* rend = re + y * sw;
+      uint16_t end = uint16_t(sw);
+      for (int64_t x = sw - 1; x >= 0; --x) {
+        if (row[x] >= nsets && st.code == TallyStatus::Ok) st = TallyStatus{TallyStatus::BadSetId, b, -1, row[x]};
+        if (x + 1 < sw && row[x + 1] != row[x]) end = uint16_t(x + 1);
+        rend[x] = end;
+      }
+    }
   }
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t b = 0; b < B; ++b) {
     if (status[size_t(b)].code != TallyStatus::Ok) return status[size_t(b)];
+    out.max_sets = std::max(out.max_sets, lb.set_start[b + 1] - lb.set_start[b]);
+  }
   return TallyStatus{};
 }
 
