@@ -121,6 +121,26 @@ def test_rebuilt_when_dataset_or_selection_changes(copy, capsys):
     s.close()
 
 
+def test_rebuilt_when_a_label_png_is_rewritten_in_place(copy, capsys):
+    """Same file names, same index.csv: only the content (size/mtime) of one label
+    PNG changes, and the store must not serve the old labels."""
+    s = LabelStore.open_or_build(Broden(copy), progress=False)
+    s.close()
+    lines = (copy / "index.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("object")
+    a, b = (line.split(",")[col].split(";")[0] for line in lines[1:3])
+    assert a and b and a != b
+    target = copy / "images" / a
+    stat = target.stat()
+    shutil.copyfile(copy / "images" / b, target)              # plane of image 1 now under image 0's name
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    s = LabelStore.open_or_build(Broden(copy), progress=False)
+    assert "changed: images" in capsys.readouterr().err
+    assert_same(s.take(np.arange(40)), decoded(copy))
+    s.close()
+
+
 def test_interrupted_build_resumes(copy, monkeypatch):
     monkeypatch.setattr(labelstore, "CHUNK", 8)        # 5 chunks for 40 images
     real = labelstore.encode_chunk

@@ -331,8 +331,8 @@ class Broden:
     # -- identity ----------------------------------------------------------------------
     def source_record(self) -> dict:
         """What the dataset's labels are built from: sizes and mtimes of the CSVs when
-        they were read, a cheap fingerprint of the image listing (names, not contents),
-        and the selection."""
+        they were read, a fingerprint of the files under images/ (names, sizes and
+        mtimes, not contents), and the selection."""
         if self._listing is None:
             self._listing = _listing_fingerprint(self.path / "images")
         return {"dataset": str(self.path), "files": dict(self._files), "images": self._listing,
@@ -443,10 +443,22 @@ def parallel_map(fn: Callable, jobs: list[tuple], workers: int | None, desc: str
 
 
 def _listing_fingerprint(images: Path) -> str:
-    """Hash of every file name under images/ (no stat per file: cheap on 250k files)."""
+    """Hash of the relative path, size and mtime of every file under images/, so a
+    label PNG rewritten in place changes it too (one stat per file, from scandir)."""
     h = hashlib.sha256()
-    for dirpath, _, filenames in sorted(os.walk(images)):
-        h.update(os.path.relpath(dirpath, images).encode())
-        for name in sorted(filenames):
-            h.update(b"\0" + name.encode())
+
+    def walk(folder: str, rel: str) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.is_dir():
+                walk(e.path, rel + e.name + "/")
+            else:
+                try:
+                    st = e.stat()
+                    h.update(f"{rel}{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                except OSError:  # a dangling link: its name still counts
+                    h.update(f"{rel}{e.name}\0?\n".encode())
+
+    walk(str(images), "")
     return h.hexdigest()[:16]
