@@ -141,6 +141,35 @@ def test_rebuilt_when_a_label_png_is_rewritten_in_place(copy, capsys):
     s.close()
 
 
+def test_a_second_builder_waits_for_the_first(copy, capsys):
+    """While another process holds the build lock, open_or_build waits; it then
+    uses the store that process finished instead of writing the file twice."""
+    import fcntl
+    import threading
+
+    ds = Broden(copy)
+    path = default_store_path(ds)
+    lock = open(path.with_name(path.name + ".lock"), "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)                    # "the other process"
+    released = threading.Event()
+
+    def finish_and_release():
+        labelstore.build(ds, path, labelstore.store_record(ds), progress=False)
+        released.set()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+    timer = threading.Timer(1.0, finish_and_release)
+    timer.start()
+    s = LabelStore.open_or_build(ds, progress=False)    # blocks until the lock is released
+    assert released.is_set()
+    err = capsys.readouterr().err
+    assert "waiting for another process" in err and "rebuilding" not in err
+    assert_same(s.take(np.arange(40)), decoded(copy))
+    s.close()
+    timer.join()
+    lock.close()
+
+
 def test_interrupted_build_resumes(copy, monkeypatch):
     monkeypatch.setattr(labelstore, "CHUNK", 8)        # 5 chunks for 40 images
     real = labelstore.encode_chunk

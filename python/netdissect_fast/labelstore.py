@@ -20,6 +20,7 @@ on_error) is rebuilt, never reused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -129,18 +130,42 @@ class LabelStore:
         dataset or the selection changed since it was written."""
         path = Path(path) if path is not None else default_store_path(ds)
         record = store_record(ds)
-        if path.exists():
-            reason = "rebuild requested" if rebuild else _stale_reason(path, record)
-            if reason is None:
-                with h5py.File(path, "r") as f:
-                    complete = bool(f.attrs.get("complete", False))
-                if complete:
-                    return cls(path)
-            else:
-                print(f"label store {path}: rebuilding ({reason})", file=sys.stderr)
-                path.unlink()
-        build(ds, path, record, workers=workers, progress=progress)
+        with _build_lock(path):   # a second process waits, then finds the store complete
+            if path.exists():
+                reason = "rebuild requested" if rebuild else _stale_reason(path, record)
+                if reason is None:
+                    with h5py.File(path, "r") as f:
+                        complete = bool(f.attrs.get("complete", False))
+                    if complete:
+                        return cls(path)
+                else:
+                    print(f"label store {path}: rebuilding ({reason})", file=sys.stderr)
+                    path.unlink()
+            build(ds, path, record, workers=workers, progress=progress)
         return cls(path)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """Exclusive lock on ``<store>.lock`` while a store is checked and built, so two
+    processes never write one file (POSIX only; elsewhere HDF5's own file locking
+    makes the second writer fail instead)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"label store {path}: waiting for another process that is building it", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _stale_reason(path: Path, record: dict) -> str | None:
