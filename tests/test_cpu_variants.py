@@ -48,3 +48,37 @@ def test_simd_variants_agree(tmp_path):
         for name in ("thr", "maxima", "I", "A", "G", "I2", "A2"):
             np.testing.assert_array_equal(other[name], base[name], err_msg=f"{isa} vs baseline: {name}")
     assert base["I"].sum() > 0 and base["I2"].sum() > 0
+
+
+QUANTILE_SCRIPT = r"""
+import numpy as np
+import netdissect_fast as ndf
+rng = np.random.default_rng(8)
+# Map sizes for every code path of the fused scan (1..4 register vectors, longer
+# maps read twice), each compacting many times (q=0.9 keeps a tenth), with maxima.
+for h, w in ((1, 1), (4, 4), (5, 6), (7, 7), (8, 8), (9, 9), (20, 20)):
+    x = np.maximum(rng.standard_normal((300, 6, h, w)), 0).astype(np.float32)
+    s = ndf.QuantileSketch(6, q=0.9, total=300 * h * w, device="cpu", threads=2)
+    for a in range(0, 300, 17):
+        m = np.empty((len(x[a:a + 17]), 6), np.float32)
+        s.update(x[a:a + 17], maxima_out=m)
+        assert np.array_equal(m, x[a:a + 17].reshape(len(m), 6, -1).max(axis=2)), (h, w)
+    ref = np.quantile(np.moveaxis(x, 1, 0).reshape(6, -1).astype(np.float64), 0.9, axis=1)
+    assert np.array_equal(s.thresholds(), ref), (h, w)
+bad = np.ones((4, 40, 3, 3), np.float32)
+bad[2, 31, 1, 1] = np.inf
+try:
+    ndf.QuantileSketch(40, total=36, device="cpu").update(bad)
+    raise SystemExit("no error for an infinite value")
+except ValueError as e:
+    assert "unit 31, batch position 2, map element 4" in str(e), e
+print("ok", ndf.backends()["cpu"]["detail"])
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_quantile_scan_of_each_variant_equals_numpy(isa):
+    env = dict(os.environ, NDF_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", QUANTILE_SCRIPT], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    assert out.startswith("ok") and f"SIMD {isa}," in out
