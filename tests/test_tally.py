@@ -173,6 +173,38 @@ def test_score_runs_quantiles_then_tally():
     np.testing.assert_array_equal(tt.intersection, I)
 
 
+def test_score_of_an_iterable_sizes_the_tail_for_the_dataset(monkeypatch):
+    """Without a row count, the quantile tail is sized for len(dataset) images:
+    exact for a pass over the dataset (or a part of it); rows beyond that (here a
+    repeated batch) are flagged as approximate, never silently wrong."""
+    from netdissect_fast import tally as tally_mod
+    rng = np.random.default_rng(21)
+    ds = random_dataset(rng, n_images=10)
+    acts = smooth_activations(rng, 10, 4, 7, 7)
+    totals = []
+
+    class Recording(tally_mod.QuantileSketch):
+        def __init__(self, *a, **kw):
+            totals.append(kw.get("total"))
+            super().__init__(*a, **kw)
+    monkeypatch.setattr(tally_mod, "QuantileSketch", Recording)
+
+    def batches(rows):
+        return (lambda: ((np.array(r), acts[r]) for r in rows))
+    whole = ndf.score(batches([[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]), ds, device="cpu", progress=False, top_n=0)
+    assert totals[-1] == 10 * 49 and whole.meta["settings"]["quantile_exact"]
+    ref = np.quantile(np.moveaxis(acts, 1, 0).reshape(4, -1).astype(np.float64), 0.995, axis=1)
+    np.testing.assert_array_equal(whole.thresholds, ref)
+    part = ndf.score(batches([[2, 5, 7]]), ds, device="cpu", progress=False, top_n=0)
+    assert part.meta["settings"]["quantile_exact"]
+    sub = np.moveaxis(acts[[2, 5, 7]], 1, 0).reshape(4, -1).astype(np.float64)
+    np.testing.assert_array_equal(part.thresholds, np.quantile(sub, 0.995, axis=1))
+    # 13 rows for a 10-image dataset: the tail kept for 10 is too short for 13
+    more = ndf.score(batches([list(range(10)), [0, 1, 2]]), ds, device="cpu", progress=False, top_n=0)
+    s = more.meta["settings"]
+    assert not s["quantile_exact"] and 0 < s["rank_error_bound"] < 0.01
+
+
 def test_bad_input_is_named():
     rng = np.random.default_rng(18)
     ds = random_dataset(rng, n_images=4)

@@ -287,8 +287,11 @@ def score(activations, dataset, q: float | None = None, rule: str = "paper", ups
 
     ``activations``: (N, K, h, w) numpy array / memmap / torch tensor / h5py
     dataset with row i = image i of ``dataset``, or an iterable of
-    ``(image_indices, batch)``. ``q`` defaults to 0.995, or to NetDissect-Lite's
-    994/999 with ``rule="netdissect-lite"``."""
+    ``(image_indices, batch)`` (or a callable returning one, so it can be read twice)
+    covering the dataset's images once: the exact-quantile tail is sized for
+    ``len(dataset)`` images (more rows make the thresholds approximate, reported in
+    ``meta["settings"]["quantile_exact"]``). ``q`` defaults to 0.995, or to
+    NetDissect-Lite's 994/999 with ``rule="netdissect-lite"``."""
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}: expected one of {sorted(RULES)}")
     if q is None:
@@ -304,11 +307,14 @@ def score(activations, dataset, q: float | None = None, rule: str = "paper", ups
     top = None
     sketch = None
     if thresholds is None:
-        total = n_rows * int(np.prod(map_shape)) if n_rows is not None else None
         for idx, batch in _progress(make_iter(), progress, "quantiles", n_batches):
             idx = np.asarray(idx, np.int64)
             if sketch is None:
                 K = int(batch.shape[1])
+                # An iterable is taken to cover the dataset once: its tail is sized for
+                # len(dataset) images, exact for that many or fewer; more rows (repeats)
+                # make the thresholds approximate, as settings["quantile_exact"] says.
+                total = (n_rows if n_rows is not None else len(dataset)) * int(np.prod(batch.shape[2:]))
                 sketch = QuantileSketch(K, q, total=total, device=device, threads=threads)
                 top = _make_top(K, top_n, tuple(batch.shape[2:]))
             maxima = np.empty((len(idx), sketch.units), np.float32) if top is not None else None
