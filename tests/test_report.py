@@ -204,6 +204,30 @@ def test_upsample_matches_torch(size):
     np.testing.assert_allclose(report._upsample(maps, size), expected, atol=1e-5)
 
 
+def test_receptive_field_results_draw_receptive_field_masks():
+    """A result counted with receptive-field upsampling is drawn with those weights:
+    at segmentation size they give the surface of SPEC §2 (tests/reference.py),
+    not the bilinear one; the settings come from the tally."""
+    import netdissect_fast as ndf
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reference import upsample_receptive_field
+    from synthetic import random_dataset, smooth_activations
+    rng = np.random.default_rng(31)
+    ds = random_dataset(rng, n_images=4, seg_shape=(40, 56))
+    acts = smooth_activations(rng, 4, 3, 5, 7)
+    res = ndf.score(acts, ds, upsample="receptive_field", receptive_field=((8, 8), (3, 2.5)), device="cpu",
+                    progress=False, top_n=0)
+    settings = res.meta["settings"]
+    assert settings["seg_shape"] == [40, 56] and settings["receptive_field"] == [8.0, 8.0, 3.0, 2.5]
+    drawn = report._upsample(acts, (40, 56), settings)
+    expected = upsample_receptive_field(acts, (40, 56), (8, 8), (3, 2.5))
+    np.testing.assert_allclose(drawn, expected, atol=1e-5)
+    assert np.abs(report._upsample(acts, (40, 56)) - expected).max() > 0.05  # bilinear would differ
+    # at thumbnail size: the same surface, sampled at the thumbnail's pixel centres
+    thumb = report._upsample(acts, (20, 28), settings)
+    np.testing.assert_allclose(thumb, expected[..., 1::2, 1::2], atol=1e-5)
+
+
 def test_draw_masks_outline_and_dimming():
     rgb = np.full((1, 8, 8, 3), 200, np.uint8)
     bright = report._pack_rgbx(rgb)

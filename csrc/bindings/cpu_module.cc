@@ -26,6 +26,22 @@ PYBIND11_MODULE(_C, m) {
 
   bind_tail_quantile<TailQuantileCPU>(m);
 
+  // The kernels' upsampling along one axis as a dense (out_size, in_size) matrix
+  // (ndf/interp.h's weights), so the report draws masks the way they were counted.
+  m.def("upsample_matrix", [](int upsample, bool y_axis, int64_t in_size, int64_t out_size, py::tuple rf) {
+    if (in_size <= 0 || out_size <= 0) throw py::value_error("upsample_matrix: sizes must be positive");
+    const TallyConfig cfg = tally_config(0, upsample, rf, in_size, in_size);
+    py::array_t<float> w({out_size, in_size});
+    auto v = w.mutable_unchecked<2>();
+    for (int64_t o = 0; o < out_size; ++o) {
+      for (int64_t i = 0; i < in_size; ++i) v(o, i) = 0.0f;
+      const AxisWeight a = axis_weight(cfg.upsample, y_axis, in_size, out_size, o);
+      v(o, a.i0) += a.w0;
+      v(o, a.i1) += a.w1;
+    }
+    return w;
+  });
+
   m.def(
       "tally",
       [](uintptr_t data, int dtype, int64_t batch, int64_t units, int64_t map_h, int64_t map_w,

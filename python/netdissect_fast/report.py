@@ -208,16 +208,39 @@ def _bilinear_weights(src: int, dst: int) -> np.ndarray:
     return w
 
 
-def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of (..., h, w) maps to (..., H, W) float32, as
-    torch.nn.functional.interpolate(mode="bilinear", align_corners=False) (equal to
-    float rounding), written as two small matrix products: no torch import (a second
-    at start-up) and no competition with the thread pool for torch's threads.
+def _receptive_field_weights(src: int, dst: int, seg: int, stride: float, offset: float, y_axis: bool):
+    """(dst, src) matrix of receptive-field upsampling (the kernels' own weights, at
+    segmentation size ``seg``) sampled at the centres of ``dst`` thumbnail pixels."""
+    from . import _C
+    rf = (stride, stride, offset, offset)
+    full = _C.upsample_matrix(1, y_axis, src, seg, rf)
+    rows = np.minimum(((np.arange(dst) + 0.5) * seg / dst).astype(np.int64), seg - 1)
+    return full[rows]
 
-    Masks are made at thumbnail size: that samples the same bilinear surface as the
+
+def _mask_weights(settings: dict, map_shape, size) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column weights that upsample (h, w) maps to thumbnail ``size`` (H, W)
+    as the dissection did: bilinear, or receptive-field when it was counted that way."""
+    (h, w), (H, W) = map_shape, size
+    rf, seg = settings.get("receptive_field"), settings.get("seg_shape")
+    if settings.get("upsample") == "receptive_field" and rf is not None and seg is not None:
+        sy, sx, oy, ox = rf
+        return (_receptive_field_weights(h, H, seg[0], sy, oy, True),
+                _receptive_field_weights(w, W, seg[1], sx, ox, False))
+    return _bilinear_weights(h, H), _bilinear_weights(w, W)
+
+
+def _upsample(maps: np.ndarray, size: tuple[int, int], settings: dict | None = None) -> np.ndarray:
+    """Upsampling of (..., h, w) maps to (..., H, W) float32 as two small matrix
+    products: bilinear as torch.nn.functional.interpolate(mode="bilinear",
+    align_corners=False) (equal to float rounding), or with the receptive-field weights
+    the dissection used. No torch import (a second at start-up) and no competition
+    with the thread pool for torch's threads.
+
+    Masks are made at thumbnail size: that samples the same surface as the
     image-size upsampling, at the pixels actually shown."""
-    (h, w), (H, W) = maps.shape[-2:], size
-    return (_bilinear_weights(h, H) @ np.asarray(maps, np.float32)) @ _bilinear_weights(w, W).T
+    wy, wx = _mask_weights(settings or {}, maps.shape[-2:], size)
+    return (wy @ np.asarray(maps, np.float32)) @ wx.T
 
 
 def _pack_rgbx(rgb: np.ndarray) -> np.ndarray:
@@ -305,6 +328,7 @@ def _render_strips(saved: _Saved, dataset, image_dir: Path, top_n: int, pool) ->
     maps = arrays.get("top_maps")
     if maps is not None:
         maps = maps[:, :top_n]
+    settings = saved.meta.get("settings", {})
     thresholds = arrays["thresholds"].astype(np.float32)
     n = indices.shape[1]
     strip_w = n * (tw + STRIP_GAP) - STRIP_GAP
@@ -314,7 +338,7 @@ def _render_strips(saved: _Saved, dataset, image_dir: Path, top_n: int, pool) ->
         U, block = stop - start, slot[start:stop]
         tiles = thumbs[block]                                    # (U, n, th, tw)
         if maps is not None:
-            masks = _upsample(maps[start:stop], (th, tw)) > thresholds[start:stop, None, None, None]
+            masks = _upsample(maps[start:stop], (th, tw), settings) > thresholds[start:stop, None, None, None]
             masks |= (block == 0)[..., None, None]               # blank tiles stay light
             tiles = _draw_masks(tiles, masks)
         # Side by side with a white gap: (U, n, th, tw+gap) -> (U, th, n*(tw+gap)).
@@ -502,6 +526,8 @@ def write_report(result_dir, dataset=None, out=None, top_n=None) -> Path:
     below = [r for r in order if not r["detector"]]
     meta = saved.meta
     title = f"Dissection of {meta.get('model', '?')} / {meta.get('layer', '?')}"
+    how = ("with the receptive-field weights it was counted with"
+           if meta.get("settings", {}).get("upsample") == "receptive_field" else "bilinearly")
     figures = "\n".join(f"<figure><img src=\"{_esc(rel)}/{name}\" alt=\"{_esc(caption)}\">"
                         f"<figcaption class=\"small\">{_esc(caption)}</figcaption></figure>"
                         for name, caption in charts)
@@ -514,7 +540,7 @@ def write_report(result_dir, dataset=None, out=None, top_n=None) -> Path:
 {figures}
 </section>
 <p class="small">Units sorted by IoU; click a column header to sort. Each image shows the unit's
-activation map upsampled bilinearly and thresholded at the unit's threshold T: the region above
+activation map upsampled {how} and thresholded at the unit's threshold T: the region above
 T bright and outlined, the rest dimmed.</p>
 <table id="units">
 <thead><tr><th data-key="unit" data-type="number">Unit</th><th data-key="label">Label</th>

@@ -201,6 +201,11 @@ class Tally:
         meta = dict(meta or {})
         meta.setdefault("settings", {})
         meta["settings"].update(rule=self.rule, upsample=self.upsample)
+        if self.upsample == "receptive_field" and self.map_shape is not None:
+            # unit centres in segmentation pixels, for drawing the masks (report.py)
+            seg = tuple(int(x) for x in self.dataset.seg_shape)
+            meta["settings"].update(seg_shape=list(seg),
+                                    receptive_field=list(_receptive_field(self.receptive_field, self.map_shape, seg)))
         return DissectionResult(
             thresholds=self.thresholds, intersection=self.intersection.copy(),
             cat_activation=self.cat_activation.copy(), label_pixels=self.label_pixels.copy(),
