@@ -1,0 +1,237 @@
+// C++ tests of the CPU kernels' building blocks, each against a plain scalar
+// computation written here: the SIMD helpers of cpu_simd.h (in whichever variant
+// NDF_CPU_ISA selects; ctest runs this binary once per variant) and the exact tail
+// of TailQuantileCPU against sorting. Run by `ctest` in CI under AddressSanitizer.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu_simd.h"
+#include "ndf/common.h"
+#include "ndf/interp.h"
+#include "ndf/quantile.h"
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond, ...)                                        \
+  do {                                                          \
+    if (!(cond)) {                                              \
+      ++failures;                                               \
+      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                        \
+      std::fprintf(stderr, "\n");                               \
+    }                                                           \
+  } while (0)
+
+std::mt19937 rng(12345);
+
+std::vector<float> random_values(size_t n, int ties) {
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = ties ? std::round(normal(rng) * float(ties)) / float(ties) : normal(rng);
+  return v;
+}
+
+// select_top: the keep largest values end up in front (as a multiset) and the
+// returned value is the keep-th largest, for sizes around the vector width and
+// with heavy ties.
+void test_select_top() {
+  const ndf::SelectTopFn select = ndf::select_top();
+  for (size_t n : {1, 2, 15, 16, 17, 63, 64, 65, 100, 1000, 5000}) {
+    for (int ties : {0, 1, 4}) {
+      const std::vector<float> orig = random_values(n, ties);
+      std::vector<float> sorted = orig;
+      std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+      for (size_t keep : {size_t(1), n / 3 + 1, n / 2 + 1, n}) {
+        if (keep == 0 || keep > n) continue;
+        std::vector<float> v = orig, tmp(n);
+        const float got = select(v.data(), int64_t(n), int64_t(keep), tmp.data());
+        CHECK(got == sorted[keep - 1], "n=%zu keep=%zu ties=%d: %g vs %g", n, keep, ties, got, sorted[keep - 1]);
+        std::vector<float> front(v.begin(), v.begin() + long(keep));
+        std::sort(front.begin(), front.end(), std::greater<float>());
+        CHECK(std::equal(front.begin(), front.end(), sorted.begin()), "n=%zu keep=%zu: wrong multiset", n, keep);
+        std::sort(v.begin(), v.end(), std::greater<float>());
+        CHECK(v == sorted, "n=%zu keep=%zu: values lost or duplicated", n, keep);
+      }
+    }
+  }
+}
+
+// scan_append: for every map, the values > its bound are appended (in order) to
+// its tail, the maximum is reported, and the scan stops after the first tail
+// above `limit`.
+void test_scan_append() {
+  const ndf::ScanAppendFn scan = ndf::scan_append();
+  for (int64_t n : {1, 5, 16, 17, 33, 49, 64, 65, 100, 196}) {
+    const int64_t count = 40, stride = n + 3, tstride = 4 * n + 8;
+    std::vector<float> maps = random_values(size_t(count * stride), 0);
+    std::vector<float> bound(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) bound[size_t(i)] = i % 5 == 0 ? -INFINITY : float(i % 3) - 0.5f;
+    std::vector<float> tails(static_cast<size_t>(count * tstride), 0.0f), mx(static_cast<size_t>(count));
+    std::vector<int64_t> held(static_cast<size_t>(count), 0);
+    for (int64_t i = 0; i < count; ++i) held[size_t(i)] = i % 4;  // tails already holding values
+    const int64_t limit = 2 * n + 4;  // above what the tails hold at the start, as in the caller
+    int64_t done = 0;
+    while (done < count) {
+      bool bad = true;
+      const int64_t k = scan(maps.data() + done * stride, count - done, stride, n, bound.data() + done,
+                             tails.data() + done * tstride, tstride, held.data() + done, limit, mx.data() + done, &bad);
+      CHECK(k >= 1 && k <= count - done, "n=%lld: returned %lld", (long long)n, (long long)k);
+      CHECK(!bad, "n=%lld: finite values reported as bad", (long long)n);
+      for (int64_t i = done; i < done + k - 1; ++i)
+        CHECK(held[size_t(i)] <= limit, "n=%lld: did not stop after map %lld", (long long)n, (long long)i);
+      done += k;
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const float* m = maps.data() + i * stride;
+      std::vector<float> want;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        if (m[j] > bound[size_t(i)]) want.push_back(m[j]);
+        top = std::max(top, m[j]);
+      }
+      const int64_t before = i % 4;
+      CHECK(held[size_t(i)] == before + int64_t(want.size()), "n=%lld map %lld: %lld values held", (long long)n,
+            (long long)i, (long long)held[size_t(i)]);
+      const float* t = tails.data() + i * tstride + before;
+      CHECK(std::equal(want.begin(), want.end(), t), "n=%lld map %lld: wrong values appended", (long long)n,
+            (long long)i);
+      CHECK(mx[size_t(i)] == top, "n=%lld map %lld: max %g vs %g", (long long)n, (long long)i, mx[size_t(i)], top);
+    }
+    // A NaN or an infinity anywhere is reported.
+    for (float poison : {std::numeric_limits<float>::quiet_NaN(), INFINITY, -INFINITY}) {
+      std::vector<float> p = maps;
+      p[size_t(7 * stride + n - 1)] = poison;
+      std::vector<int64_t> h(static_cast<size_t>(count), 0);
+      bool bad = false;
+      int64_t at = 0;
+      while (at < count && !bad)
+        at += scan(p.data() + at * stride, count - at, stride, n, bound.data() + at, tails.data() + at * tstride,
+                   tstride, h.data() + at, 4 * n, nullptr, &bad);
+      CHECK(bad, "n=%lld: non-finite value %g not reported", (long long)n, poison);
+    }
+  }
+}
+
+// interp_row and threshold_span: the formulas of ndf/interp.h, evaluated here one
+// pixel at a time.
+void test_interp_and_threshold() {
+  const ndf::InterpRowFn interp = ndf::interp_row();
+  const ndf::ThresholdSpanFn threshold = ndf::threshold_span();
+  for (int64_t mw : {1, 3, 7, 13, 16, 17, 28}) {
+    for (int64_t sw : {7, 17, 112, 113}) {
+      std::vector<ndf::AxisWeight> xw(static_cast<size_t>(sw));
+      std::vector<int32_t> x0(static_cast<size_t>(sw)), x1(static_cast<size_t>(sw));
+      std::vector<float> wx0(static_cast<size_t>(sw)), wx1(static_cast<size_t>(sw));
+      for (int64_t x = 0; x < sw; ++x) {
+        xw[size_t(x)] = ndf::bilinear_axis_weight(mw, sw, x);
+        x0[size_t(x)] = xw[size_t(x)].i0;
+        x1[size_t(x)] = xw[size_t(x)].i1;
+        wx0[size_t(x)] = xw[size_t(x)].w0;
+        wx1[size_t(x)] = xw[size_t(x)].w1;
+      }
+      const std::vector<float> row0 = random_values(size_t(mw), 0), row1 = random_values(size_t(mw), 0);
+      std::vector<float> top(static_cast<size_t>(sw)), bot(static_cast<size_t>(sw));
+      interp(row0.data(), mw, x0.data(), x1.data(), wx0.data(), wx1.data(), sw, top.data());
+      interp(row1.data(), mw, x0.data(), x1.data(), wx0.data(), wx1.data(), sw, bot.data());
+      for (int64_t x = 0; x < sw; ++x) {
+        const ndf::AxisWeight& w = xw[size_t(x)];
+        CHECK(top[size_t(x)] == ndf::lerp_x(w, row0[size_t(w.i0)], row0[size_t(w.i1)]), "mw=%lld sw=%lld x=%lld",
+              (long long)mw, (long long)sw, (long long)x);
+      }
+      const int64_t rows = 5, chunks = (sw + 15) / 16;
+      std::vector<ndf::AxisWeight> wy(static_cast<size_t>(rows));
+      for (int64_t r = 0; r < rows; ++r) wy[size_t(r)] = ndf::AxisWeight{0, 1, 1.0f - 0.2f * float(r), 0.2f * float(r)};
+      for (float T : {-1.0f, 0.0f, top[0], 1.5f}) {
+        for (int64_t xa : {int64_t(0), sw / 3}) {
+          std::vector<uint16_t> out(static_cast<size_t>(rows * chunks), 0xdead);
+          threshold(top.data(), bot.data(), wy.data(), rows, T, xa, sw, out.data(), chunks);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t x = xa; x < sw; ++x) {
+              const int64_t c = (x - xa) / 16, bit = (x - xa) % 16;
+              const bool want = ndf::lerp_y(wy[size_t(r)], top[size_t(x)], bot[size_t(x)]) > T;
+              const bool got = (out[size_t(r * chunks + c)] >> bit) & 1u;
+              CHECK(got == want, "mw=%lld sw=%lld T=%g row %lld x %lld", (long long)mw, (long long)sw, T,
+                    (long long)r, (long long)x);
+            }
+        }
+      }
+    }
+  }
+}
+
+// bilinear_axis_weight: torch's half-pixel source index, written out in double.
+void test_bilinear_weights() {
+  for (int64_t in : {1, 2, 7, 13, 14, 28}) {
+    for (int64_t out : {1, 7, 17, 112, 113, 224}) {
+      for (int64_t o = 0; o < out; ++o) {
+        const ndf::AxisWeight w = ndf::bilinear_axis_weight(in, out, o);
+        CHECK(w.i0 >= 0 && w.i1 < in && w.i0 <= w.i1 && w.w0 >= 0 && w.w1 >= 0 && w.w0 + w.w1 == 1.0f,
+              "in=%lld out=%lld o=%lld", (long long)in, (long long)out, (long long)o);
+        const double src = std::max(0.0, (double(o) + 0.5) * double(in) / double(out) - 0.5);
+        const double pos = double(w.i0) * double(w.w0) + double(w.i1) * double(w.w1);
+        CHECK(std::fabs(pos - std::min(src, double(in - 1))) < 1e-5, "in=%lld out=%lld o=%lld: %g vs %g",
+              (long long)in, (long long)out, (long long)o, pos, src);
+      }
+    }
+  }
+}
+
+// TailQuantileCPU: after streaming many batches (many compactions), the kept
+// values are exactly the `keep` largest, for 1 and 3 threads and odd batch sizes.
+void test_tail_quantile() {
+  for (int threads : {1, 3}) {
+    const int64_t K = 5, n = 49, keep = 300;
+    ndf::TailQuantileCPU tail(K, keep);
+    std::vector<std::vector<float>> all(static_cast<size_t>(K));
+    for (int64_t b0 = 0; b0 < 700; b0 += 23) {
+      const int64_t B = 23;
+      std::vector<float> batch = random_values(size_t(B * K * n), b0 % 46 == 0 ? 2 : 0);
+      ndf::ActivationView view;
+      view.data = batch.data();
+      view.dtype = ndf::DType::F32;
+      view.batch = B;
+      view.units = K;
+      view.map_size = n;
+      view.stride_batch = K * n;
+      view.stride_unit = n;
+      const ndf::BadValue bad = tail.update(view, nullptr, threads);
+      CHECK(bad.unit < 0, "finite batch reported bad");
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k)
+          all[size_t(k)].insert(all[size_t(k)].end(), batch.begin() + (b * K + k) * n,
+                                batch.begin() + (b * K + k + 1) * n);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      std::vector<float> want = all[size_t(k)];
+      std::sort(want.begin(), want.end(), std::greater<float>());
+      want.resize(size_t(keep));
+      CHECK(tail.sorted_tail(k) == want, "threads=%d unit %lld: kept values differ", threads, (long long)k);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::printf("SIMD variant: %s\n", ndf::cpu_isa_name());
+  test_select_top();
+  test_scan_append();
+  test_interp_and_threshold();
+  test_bilinear_weights();
+  test_tail_quantile();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}
