@@ -99,3 +99,22 @@ def test_tally_non_finite_names_unit():
     acts[1, 2, 0, 0] = -np.inf
     with pytest.raises(ValueError, match="unit 2, batch position 1"):
         Tally(ds, [0.5, 0.5, 0.5], device=EMU).update(acts, np.arange(3))
+
+
+@pytest.mark.parametrize("device", ["cpu", EMU])
+def test_pixel_set_id_outside_the_image_sets_is_named(device):
+    """A pixel whose set id is not one of its image's sets: the batch position and
+    the id are named, nothing is counted, on the CPU and with the CUDA source
+    (which validates ids without building the CPU's run ends)."""
+    rng = np.random.default_rng(26)
+    ds = random_dataset(rng, n_images=4, empty_images=False)
+    acts = smooth_activations(rng, 4, 3, 7, 7)
+    lb = ds.label_batch(np.arange(4))
+    nsets = int(lb.set_start[3] - lb.set_start[2])
+    lb.pixel_sets = lb.pixel_sets.copy()
+    lb.pixel_sets[2, 50, 7] = nsets + 3
+    lb.pixel_sets[2, 50, 90] = nsets + 9      # the row's last offender is the one named
+    t = Tally(ds, [0.1, 0.1, 0.1], device=device)
+    with pytest.raises(ValueError, match=rf"batch position 2 .*pixel set id outside the image's sets \({nsets + 9}\)"):
+        t.update(acts, np.arange(4), labels=lb)
+    assert t.intersection.sum() == 0

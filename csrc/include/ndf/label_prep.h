@@ -35,13 +35,15 @@ inline uint32_t label_categories(const int32_t* labels, int64_t from, int64_t to
   return m;
 }
 
+// run_ends: also fill out.run_end (the CPU walk uses it; the CUDA kernels do not,
+// and then set ids are only validated).
 inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& space, int threads,
-                           BatchLabels& out) {
+                                  BatchLabels& out, bool run_ends = true) {
   const int64_t B = lb.batch, sh = lb.seg_h, sw = lb.seg_w, S = lb.set_start[B];
   out.set_categories.assign(size_t(S), 0);
   out.image_categories.assign(size_t(B), 0);
   out.image_level_categories.assign(size_t(B), 0);
-  out.run_end.resize(size_t(B * sh * sw));
+  out.run_end.resize(run_ends ? size_t(B * sh * sw) : 0);
   std::vector<TallyStatus> status(static_cast<size_t>(B));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
@@ -64,6 +66,18 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
     out.image_level_categories[size_t(b)] = level;
     const int64_t nsets = s1 - s0;
     const uint16_t* ps = lb.pixel_sets + b * sh * sw;
+    if (!run_ends) {
+      uint16_t top = 0;  // one vectorizable pass; the offender is looked for only if there is one
+      for (int64_t i = 0; i < sh * sw; ++i) top = std::max(top, ps[i]);
+      if (top >= nsets && st.code == TallyStatus::Ok)
+        for (int64_t y = 0; y < sh && st.code == TallyStatus::Ok; ++y)  // as below: last offender of the row
+          for (int64_t x = sw - 1; x >= 0; --x)
+            if (ps[y * sw + x] >= nsets) {
+              st = TallyStatus{TallyStatus::BadSetId, b, -1, ps[y * sw + x]};
+              break;
+            }
+      continue;
+    }
     uint16_t* re = out.run_end.data() + b * sh * sw;
     for (int64_t y = 0; y < sh; ++y) {
       const uint16_t* row = ps + y * sw;
