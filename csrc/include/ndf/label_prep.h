@@ -66,26 +66,25 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
     out.image_level_categories[size_t(b)] = level;
     const int64_t nsets = s1 - s0;
     const uint16_t* ps = lb.pixel_sets + b * sh * sw;
-    if (!run_ends) {
-      uint16_t top = 0;  // one vectorizable pass; the offender is looked for only if there is one
-      for (int64_t i = 0; i < sh * sw; ++i) top = std::max(top, ps[i]);
-      if (top >= nsets && st.code == TallyStatus::Ok)
-        for (int64_t y = 0; y < sh && st.code == TallyStatus::Ok; ++y)  // as below: last offender of the row
-          for (int64_t x = sw - 1; x >= 0; --x)
-            if (ps[y * sw + x] >= nsets) {
-              st = TallyStatus{TallyStatus::BadSetId, b, -1, ps[y * sw + x]};
-              break;
-            }
-      continue;
-    }
+    uint16_t top = 0;  // one vectorizable pass; the offender is looked for only if there is one
+    for (int64_t i = 0; i < sh * sw; ++i) top = std::max(top, ps[i]);
+    if (top >= nsets && st.code == TallyStatus::Ok)
+      for (int64_t y = 0; y < sh && st.code == TallyStatus::Ok; ++y)  // named: the last offender of the first row
+        for (int64_t x = sw - 1; x >= 0; --x)
+          if (ps[y * sw + x] >= nsets) {
+            st = TallyStatus{TallyStatus::BadSetId, b, -1, ps[y * sw + x]};
+            break;
+          }
+    if (!run_ends || st.code != TallyStatus::Ok) continue;
     uint16_t* re = out.run_end.data() + b * sh * sw;
     for (int64_t y = 0; y < sh; ++y) {
       const uint16_t* row = ps + y * sw;
       uint16_t* rend = re + y * sw;
       uint16_t end = uint16_t(sw);
-      for (int64_t x = sw - 1; x >= 0; --x) {
-        if (row[x] >= nsets && st.code == TallyStatus::Ok) st = TallyStatus{TallyStatus::BadSetId, b, -1, row[x]};
-        if (x + 1 < sw && row[x + 1] != row[x]) end = uint16_t(x + 1);
+      rend[sw - 1] = end;
+      for (int64_t x = sw - 2; x >= 0; --x) {  // branch-free (a branch here mispredicts at every run end)
+        const uint16_t differs = uint16_t(-int(row[x + 1] != row[x]));
+        end = uint16_t((uint16_t(x + 1) & differs) | (end & ~differs));
         rend[x] = end;
       }
     }
