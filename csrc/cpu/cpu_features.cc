@@ -57,14 +57,18 @@ int64_t scan_maps_scalar(const float* base, int64_t count, int64_t stride, int64
   return poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
 }
 
-int64_t scan_append_scalar(const float* base, int64_t count, int64_t stride, int64_t n, const float* bound,
-                           float* tails, int64_t tstride, int64_t* held, int64_t limit, float* mx, bool* bad) {
+// The fused quantile scan's loop for the variants that find a map's maximum
+// first and append only hot maps (scalar, AVX2): map_max(v, n, poison) returns
+// the maximum and folds the map into `poison` (NaN once a value is not finite).
+template <class MapMax>
+int64_t scan_append_by_max(MapMax map_max, const float* base, int64_t count, int64_t stride, int64_t n,
+                           const float* bound, float* tails, int64_t tstride, int64_t* held, int64_t limit,
+                           float* mx, bool* bad) {
   float poison = 0.0f;
   int64_t i = 0;
   while (i < count) {
     const float* v = base + i * stride;
-    float m = -INFINITY, a = 0.0f;
-    scan_tail(v, 0, n, m, a, poison);
+    const float m = map_max(v, n, poison);
     if (mx) mx[i] = m;
     const bool hot = m > bound[i];
     if (hot) held[i] = append_greater_scalar(v, n, bound[i], tails + i * tstride, held[i]);
@@ -73,6 +77,17 @@ int64_t scan_append_scalar(const float* base, int64_t count, int64_t stride, int
   }
   *bad = poison != 0.0f;
   return i;
+}
+
+float map_max_scalar(const float* v, int64_t n, float& poison) {
+  float m = -INFINITY, a = 0.0f;
+  scan_tail(v, 0, n, m, a, poison);
+  return m;
+}
+
+int64_t scan_append_scalar(const float* base, int64_t count, int64_t stride, int64_t n, const float* bound,
+                           float* tails, int64_t tstride, int64_t* held, int64_t limit, float* mx, bool* bad) {
+  return scan_append_by_max(map_max_scalar, base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
 }
 
 // Chunk c (columns [px0, px1), at most 16) of every row of a span.
@@ -268,39 +283,28 @@ __attribute__((target("avx2,fma"))) int64_t scan_maps_avx2(const float* base, in
   return tail_poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
 }
 
-__attribute__((target("avx2,fma"))) int64_t scan_append_avx2(const float* base, int64_t count, int64_t stride,
-                                                             int64_t n, const float* bound, float* tails,
-                                                             int64_t tstride, int64_t* held, int64_t limit, float* mx,
-                                                             bool* bad) {
-  const __m256 zero = _mm256_setzero_ps(), ninf = _mm256_set1_ps(-INFINITY);
-  __m256 poison = zero;
-  float tail_poison = 0.0f, unused = 0.0f;
+__attribute__((target("avx2,fma"))) float map_max_avx2(const float* v, int64_t n, float& poison) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 m = _mm256_set1_ps(-INFINITY), p = zero;
   const int64_t full = n & ~int64_t(7);
-  int64_t i = 0;
-  while (i < count) {
-    const float* v = base + i * stride;
-    __m256 m = ninf;
-    for (int64_t j = 0; j < full; j += 8) {
-      const __m256 x = _mm256_loadu_ps(v + j);
-      m = _mm256_max_ps(m, x);
-      poison = _mm256_fmadd_ps(x, zero, poison);
-    }
-    alignas(32) float m8[8];
-    _mm256_store_ps(m8, m);
-    float mm = m8[0];
-    for (int j = 1; j < 8; ++j) mm = m8[j] > mm ? m8[j] : mm;
-    scan_tail(v, full, n, mm, unused, tail_poison);
-    if (mx) mx[i] = mm;
-    const bool hot = mm > bound[i];
-    if (hot) held[i] = append_greater_scalar(v, n, bound[i], tails + i * tstride, held[i]);
-    ++i;
-    if (hot && held[i - 1] > limit) break;
+  for (int64_t j = 0; j < full; j += 8) {
+    const __m256 x = _mm256_loadu_ps(v + j);
+    m = _mm256_max_ps(m, x);
+    p = _mm256_fmadd_ps(x, zero, p);
   }
-  alignas(32) float p8[8];
-  _mm256_store_ps(p8, poison);
-  for (float p : p8) tail_poison += p;
-  *bad = tail_poison != 0.0f;
-  return i;
+  alignas(32) float m8[8], p8[8];
+  _mm256_store_ps(m8, m);
+  _mm256_store_ps(p8, p);
+  float mm = m8[0], unused = 0.0f;
+  for (int j = 1; j < 8; ++j) mm = m8[j] > mm ? m8[j] : mm;
+  for (float q : p8) poison += q;
+  scan_tail(v, full, n, mm, unused, poison);
+  return mm;
+}
+
+int64_t scan_append_avx2(const float* base, int64_t count, int64_t stride, int64_t n, const float* bound,
+                         float* tails, int64_t tstride, int64_t* held, int64_t limit, float* mx, bool* bad) {
+  return scan_append_by_max(map_max_avx2, base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
 }
 
 // Same loop compiled for FMA hardware: std::fma becomes one instruction (the
