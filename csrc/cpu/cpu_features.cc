@@ -111,6 +111,34 @@ void interp_row_scalar(const float* row, int64_t /*mw*/, const int32_t* x0, cons
   for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
 }
 
+// Counts the pixels of one row's 16-pixel mask chunks per label set, a pixel at a time.
+inline int64_t count_chunks_scalar(const uint16_t* chunks, int64_t xa, int64_t xb, const uint16_t* sets,
+                                   int32_t* cnt, int32_t* touched, int64_t& nt) {
+  int64_t M = 0;
+  for (int64_t px = xa, c = 0; px < xb; px += 16, ++c) {
+    for (uint32_t w = chunks[c]; w; w &= w - 1u) {
+      const uint16_t s = sets[px + __builtin_ctz(w)];
+      if (cnt[s] == 0) touched[nt++] = s;
+      ++cnt[s];
+      ++M;
+    }
+  }
+  return M;
+}
+
+template <ThresholdSpanFn Threshold>
+int64_t count_span_composed(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
+                            int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
+                            int32_t* touched, int64_t* ntouched, uint16_t* chunks) {
+  int64_t M = 0, nt = *ntouched;
+  for (int64_t r = 0; r < rows; ++r) {
+    Threshold(top, bot, wy + r, 1, T, xa, xb, chunks, 1);
+    M += count_chunks_scalar(chunks, xa, xb, sets + r * sw, cnt, touched, nt);
+  }
+  *ntouched = nt;
+  return M;
+}
+
 void hot_rows_scalar(const float* m, int64_t mh, int64_t mw, float t, uint64_t* rowbits) {
   for (int64_t i = 0; i < mh; ++i) {
     uint64_t hot = 0;
@@ -348,6 +376,39 @@ __attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, 
   }
 }
 
+// threshold_span_avx512 fused with the count: a chunk's 16 set ids are loaded
+// (masked: no read outside the mask) and counted a distinct set at a time, so a
+// chunk costs one compare per set it holds, not one step per pixel.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
+    const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, int64_t xa, int64_t xb,
+    const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched, uint16_t* /*chunks*/) {
+  const __m512 t = _mm512_set1_ps(T);
+  int64_t M = 0, nt = *ntouched;
+  for (int64_t px = xa; px < xb; px += 16) {
+    const int64_t n = xb - px < 16 ? xb - px : 16;
+    const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
+    const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
+      __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+      if (!w) continue;
+      M += __builtin_popcount(unsigned(w));
+      const uint16_t* p = sets + r * sw + px;
+      const __m256i ids = _mm256_maskz_loadu_epi16(w, p);
+      do {
+        const uint16_t s = p[__builtin_ctz(unsigned(w))];
+        const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
+        w = __mmask16(w & ~eq);
+        const int32_t c = cnt[s];
+        if (c == 0) touched[nt++] = s;
+        cnt[s] = c + __builtin_popcount(unsigned(eq));
+      } while (w);
+    }
+  }
+  *ntouched = nt;
+  return M;
+}
+
 __attribute__((target("avx2,fma"))) void threshold_span_avx2(const float* top, const float* bot,
                                                             const AxisWeight* wy, int64_t rows, float T,
                                                             int64_t xa, int64_t xb, uint16_t* chunks,
@@ -499,6 +560,7 @@ struct Dispatch {
   ScanMapsFn maps = scan_maps_scalar;
   SelectTopFn select = select_top_scalar;
   HotRowsFn hot = hot_rows_scalar;
+  CountSpanFn count = count_span_composed<threshold_span_scalar>;
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
@@ -515,12 +577,16 @@ struct Dispatch {
       maps = scan_maps_avx512;
       select = select_top_avx512;
       hot = hot_rows_avx512;
+      count = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+                  ? count_span_avx512
+                  : count_span_composed<threshold_span_avx512>;
       name = "avx512";
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       threshold = threshold_span_avx2;
       interp = interp_row_avx2;
       maps = scan_maps_avx2;
       scan_append = scan_append_avx2;
+      count = count_span_composed<threshold_span_avx2>;
       name = "avx2";
     }
 #endif
@@ -541,6 +607,7 @@ ScanMapsFn scan_maps() { return dispatch().maps; }
 ScanAppendFn scan_append() { return dispatch().scan_append; }
 SelectTopFn select_top() { return dispatch().select; }
 HotRowsFn hot_rows() { return dispatch().hot; }
+CountSpanFn count_span() { return dispatch().count; }
 const char* cpu_isa_name() { return dispatch().name; }
 
 }  // namespace ndf

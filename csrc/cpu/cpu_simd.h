@@ -44,6 +44,16 @@ using ThresholdSpanFn = void (*)(const float* top, const float* bot, const AxisW
                                  int64_t xa, int64_t xb, uint16_t* chunks, int64_t cstride);
 ThresholdSpanFn threshold_span();
 
+// Thresholds one cell span like ThresholdSpanFn and counts its mask pixels per
+// label set: for each pixel above T, cnt[set] += 1 where set = sets[r * sw + px]
+// (sets: the pixel set ids of the span's first row). A set whose count leaves 0
+// is appended to touched[*ntouched++]. Returns the number of mask pixels.
+// `chunks` is scratch for one row's masks (room for (xb - xa) / 16 + 1 values).
+using CountSpanFn = int64_t (*)(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
+                                int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
+                                int32_t* touched, int64_t* ntouched, uint16_t* chunks);
+CountSpanFn count_span();
+
 // out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one
 // source row (mw values) upsampled along x (lerp_x of ndf/interp.h).
 using InterpRowFn = void (*)(const float* row, int64_t mw, const int32_t* x0, const int32_t* x1, const float* wx0,

@@ -4,8 +4,8 @@
 //
 // Per (image, unit): the map's maximum decides whether any pixel can exceed the
 // threshold; if so, only cells whose corners can exceed it are upsampled, a row
-// segment at a time, and the mask is walked as runs against runs of equal label
-// sets, so the cost grows with the runs, not the pixels.
+// segment at a time, and the mask's pixels are counted per label set (a 16-pixel
+// chunk costs one vector compare per distinct set in it), then per label.
 #include <omp.h>
 
 #include <algorithm>
@@ -35,118 +35,103 @@ struct Geometry {
 struct Scratch {
   std::vector<float> hrows;       // source rows upsampled along x (mh x sw)
   std::vector<int64_t> hlo, hhi;  // per source row: columns [lo, hi) of hrows are valid
-  int64_t cstride;                // 16-pixel mask chunks per output row
-  std::vector<uint16_t> chunks;   // (rows of one span) x cstride
+  std::vector<uint16_t> chunks;   // one row's 16-pixel mask chunks (count_span's scratch)
   std::vector<uint64_t> rowbits;
-  std::vector<int64_t> cnt;
-  std::vector<int32_t> touched;
-  Scratch(const Geometry& g, int64_t max_sets)
-      : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
-        cstride(g.sw / 16 + 2), chunks(size_t(g.sh * (g.sw / 16 + 2))), rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0) {
-    touched.reserve(size_t(max_sets));
-  }
+  std::vector<int32_t> cnt, touched;        // per local label set: mask pixels; sets with cnt > 0
+  std::vector<int64_t> slot_cnt;            // per local label (slot): mask pixels
+  std::vector<int32_t> slot_touched;
+  Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots)
+      : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)), chunks(size_t(g.sw / 16 + 2)),
+        rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0), touched(size_t(max_sets)),
+        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots)) {}
 };
 
 // Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
 // exceed T somewhere.
 void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const LabelBatchView& lb,
-                const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule,
-                TallyCounts out, Scratch& sc) {
-  const ThresholdSpanFn threshold = threshold_span();
+               const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule, TallyCounts out,
+               Scratch& sc) {
   const InterpRowFn interp = interp_row();
+  const CountSpanFn count = count_span();
   const int64_t L = space.num_labels, C = space.num_categories, sw = g.sw;
   int64_t* Ik = out.intersection + k * L;
   int64_t* Ak = out.cat_activation + k * C;
-  {
-    std::fill(sc.hlo.begin(), sc.hlo.end(), int64_t(0));
-    std::fill(sc.hhi.begin(), sc.hhi.end(), int64_t(0));
-    const uint16_t* ps = lb.pixel_sets + b * g.sh * sw;
-    const uint16_t* re = info.run_end.data() + b * g.sh * sw;
-    int64_t M = 0;
-    // Samples that can lift a pixel above T: a cell whose four corners are all
-    // <= T - amax*2e-6 stays <= T after rounding (see interp_upper_bound).
-    const float Tm = T - amax * 2e-6f;
-    const bool narrow = g.mw <= 64;
-    if (narrow) hot_rows()(m, g.mh, g.mw, Tm, sc.rowbits.data());
-    for (const Span& ys : g.yspans) {
-      int64_t xa = -1, xb = -1;
-      if (narrow) {
-        const uint64_t hot = sc.rowbits[size_t(ys.i0)] | sc.rowbits[size_t(ys.i1)];
-        if (!hot) continue;
-        xa = g.xspans[size_t(g.first_span[size_t(__builtin_ctzll(hot))])].start;
-        xb = g.xspans[size_t(g.last_span[size_t(63 - __builtin_clzll(hot))])].end;
-      } else {
-        const float* r0 = m + int64_t(ys.i0) * g.mw;
-        const float* r1 = m + int64_t(ys.i1) * g.mw;
-        for (const Span& xs : g.xspans) {
-          const float cmax = std::max(std::max(r0[xs.i0], r0[xs.i1]), std::max(r1[xs.i0], r1[xs.i1]));
-          if (cmax > Tm) {
-            if (xa < 0) xa = xs.start;
-            xb = xs.end;
-          }
-        }
-        if (xa < 0) continue;
-      }
-      for (int32_t src : {ys.i0, ys.i1}) {  // upsample along x only the columns needed
-        int64_t& lo = sc.hlo[size_t(src)];
-        int64_t& hi = sc.hhi[size_t(src)];
-        if (xa < lo || xb > hi) {
-          interp(m + int64_t(src) * g.mw, g.mw, g.x0.data() + xa, g.x1.data() + xa, g.wx0.data() + xa,
-                 g.wx1.data() + xa, xb - xa, sc.hrows.data() + int64_t(src) * sw + xa);
-          if (xb < lo || xa > hi || lo >= hi) {
-            lo = xa;
-            hi = xb;
-          } else {
-            lo = std::min(lo, xa);
-            hi = std::max(hi, xb);
-          }
+  std::fill(sc.hlo.begin(), sc.hlo.end(), int64_t(0));
+  std::fill(sc.hhi.begin(), sc.hhi.end(), int64_t(0));
+  const uint16_t* ps = lb.pixel_sets + b * g.sh * sw;
+  int64_t M = 0, ntouched = 0;
+  // Samples that can lift a pixel above T: a cell whose four corners are all
+  // <= T - amax*2e-6 stays <= T after rounding (see interp_upper_bound).
+  const float Tm = T - amax * 2e-6f;
+  const bool narrow = g.mw <= 64;
+  if (narrow) hot_rows()(m, g.mh, g.mw, Tm, sc.rowbits.data());
+  for (const Span& ys : g.yspans) {
+    int64_t xa = -1, xb = -1;
+    if (narrow) {
+      const uint64_t hot = sc.rowbits[size_t(ys.i0)] | sc.rowbits[size_t(ys.i1)];
+      if (!hot) continue;
+      xa = g.xspans[size_t(g.first_span[size_t(__builtin_ctzll(hot))])].start;
+      xb = g.xspans[size_t(g.last_span[size_t(63 - __builtin_clzll(hot))])].end;
+    } else {
+      const float* r0 = m + int64_t(ys.i0) * g.mw;
+      const float* r1 = m + int64_t(ys.i1) * g.mw;
+      for (const Span& xs : g.xspans) {
+        const float cmax = std::max(std::max(r0[xs.i0], r0[xs.i1]), std::max(r1[xs.i0], r1[xs.i1]));
+        if (cmax > Tm) {
+          if (xa < 0) xa = xs.start;
+          xb = xs.end;
         }
       }
-      const float* top = sc.hrows.data() + int64_t(ys.i0) * sw;
-      const float* bot = sc.hrows.data() + int64_t(ys.i1) * sw;
-      const int64_t cstride = sc.cstride;
-      threshold(top, bot, g.yw.data() + ys.start, ys.end - ys.start, T, xa, xb, sc.chunks.data(), cstride);
-      for (int32_t py = ys.start; py < ys.end; ++py) {
-        const uint16_t* chunks = sc.chunks.data() + (py - ys.start) * cstride;
-        const uint16_t* prow = ps + int64_t(py) * sw;
-        const uint16_t* rrow = re + int64_t(py) * sw;
-        for (int64_t c = 0; xa + 16 * c < xb; ++c) {
-          uint32_t w = chunks[c];
-          while (w) {  // each run of set bits is a run of mask pixels
-            const int s0 = __builtin_ctz(w);
-            const int len = __builtin_ctz(~(w >> s0));
-            int64_t p = xa + 16 * c + s0;
-            const int64_t q = p + len;
-            M += len;
-            while (p < q) {  // split the mask run at label-set boundaries
-              const int64_t r = std::min<int64_t>(rrow[p], q);
-              const uint16_t s = prow[p];
-              if (sc.cnt[s] == 0) sc.touched.push_back(s);
-              sc.cnt[s] += r - p;
-              p = r;
-            }
-            w &= ~((2u << (s0 + len - 1)) - 1u);
-          }
+      if (xa < 0) continue;
+    }
+    for (int32_t src : {ys.i0, ys.i1}) {  // upsample along x only the columns needed
+      int64_t& lo = sc.hlo[size_t(src)];
+      int64_t& hi = sc.hhi[size_t(src)];
+      if (xa < lo || xb > hi) {
+        interp(m + int64_t(src) * g.mw, g.mw, g.x0.data() + xa, g.x1.data() + xa, g.wx0.data() + xa,
+               g.wx1.data() + xa, xb - xa, sc.hrows.data() + int64_t(src) * sw + xa);
+        if (xb < lo || xa > hi || lo >= hi) {
+          lo = xa;
+          hi = xb;
+        } else {
+          lo = std::min(lo, xa);
+          hi = std::max(hi, xb);
         }
       }
     }
-    if (M == 0) return;
-    uint32_t overlap = 0;
-    const int64_t s0 = lb.set_start[b];
-    for (int32_t s : sc.touched) {
-      const int64_t c = sc.cnt[size_t(s)];
-      sc.cnt[size_t(s)] = 0;
-      const int64_t gs = s0 + s;
-      overlap |= info.set_categories[size_t(gs)];
-      for (int64_t j = lb.set_label_start[gs]; j < lb.set_label_start[gs + 1]; ++j) Ik[lb.set_labels[j]] += c;
-    }
-    sc.touched.clear();
-    for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) Ik[lb.image_labels[j]] += M;
-    uint32_t cats = counted_categories(rule, info.image_categories[size_t(b)], overlap,
-                                       info.image_level_categories[size_t(b)]);
-    for (int32_t c = 0; cats; ++c, cats >>= 1)
-      if (cats & 1u) Ak[c] += M;
+    M += count(sc.hrows.data() + int64_t(ys.i0) * sw, sc.hrows.data() + int64_t(ys.i1) * sw,
+               g.yw.data() + ys.start, ys.end - ys.start, T, xa, xb, ps + int64_t(ys.start) * sw, sw,
+               sc.cnt.data(), sc.touched.data(), &ntouched, sc.chunks.data());
   }
+  if (M == 0) return;
+  // Sets -> the image's labels (slots) -> I: one add per distinct label.
+  uint32_t overlap = 0;
+  const int64_t s0 = lb.set_start[b];
+  const int32_t* slot_label = info.slot_label.data() + lb.set_label_start[s0];
+  int64_t nslots = 0;
+  for (int64_t i = 0; i < ntouched; ++i) {
+    const int32_t s = sc.touched[size_t(i)];
+    const int64_t c = sc.cnt[size_t(s)];
+    sc.cnt[size_t(s)] = 0;
+    const int64_t gs = s0 + s;
+    overlap |= info.set_categories[size_t(gs)];
+    for (int64_t e = lb.set_label_start[gs]; e < lb.set_label_start[gs + 1]; ++e) {
+      const int32_t j = info.entry_slot[size_t(e)];
+      const int64_t v = sc.slot_cnt[size_t(j)];
+      if (v == 0) sc.slot_touched[size_t(nslots++)] = j;
+      sc.slot_cnt[size_t(j)] = v + c;
+    }
+  }
+  for (int64_t i = 0; i < nslots; ++i) {
+    const int32_t j = sc.slot_touched[size_t(i)];
+    Ik[slot_label[j]] += sc.slot_cnt[size_t(j)];
+    sc.slot_cnt[size_t(j)] = 0;
+  }
+  for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) Ik[lb.image_labels[j]] += M;
+  uint32_t cats = counted_categories(rule, info.image_categories[size_t(b)], overlap,
+                                     info.image_level_categories[size_t(b)]);
+  for (int32_t c = 0; cats; ++c, cats >>= 1)
+    if (cats & 1u) Ak[c] += M;
 }
 
 template <DType D>
@@ -192,7 +177,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   std::vector<TallyStatus> bad(size_t(std::max(threads, 1)));
 #pragma omp parallel num_threads(threads)
   {
-    Scratch sc(g, std::max<int64_t>(info.max_sets, 1));
+    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1));
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
     const ScanMapsFn scan = scan_maps();
     // Units go in blocks handed out dynamically (firing, and so cost, varies by

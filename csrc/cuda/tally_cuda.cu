@@ -167,7 +167,7 @@ TallyStatus tally_cuda(const ActivationView& a, const float* thresholds, const L
   if (cfg.map_h * cfg.map_w > kMaxMapSize)
     throw std::invalid_argument("activation maps larger than 4096 elements are not supported on CUDA");
   BatchLabels info;
-  TallyStatus st = prepare_labels(lb, space, 1, info, /*run_ends=*/false);
+  TallyStatus st = prepare_labels(lb, space, 1, info, /*slots=*/false);
   if (st.code != TallyStatus::Ok) return st;
   const cudaStream_t stream = (cudaStream_t)stream_handle;
   const std::vector<AxisWeight> yw = axis_weights(cfg.upsample, true, cfg.map_h, lb.seg_h);

@@ -169,6 +169,52 @@ void test_interp_and_threshold() {
 }
 
 // bilinear_axis_weight: torch's half-pixel source index, written out in double.
+// count_span: the same masks as threshold_span, counted per label set. Set ids
+// are drawn from a few values (runs and mixes inside one 16-pixel chunk); the
+// pixel-set array ends right after the span's last row, so a read past the mask
+// is caught by AddressSanitizer.
+void test_count_span() {
+  const ndf::CountSpanFn count = ndf::count_span();
+  const ndf::ThresholdSpanFn threshold = ndf::threshold_span();
+  for (int64_t sw : {7, 16, 17, 112, 113}) {
+    const int64_t rows = 6, chunks = (sw + 15) / 16;
+    std::vector<float> top = random_values(size_t(sw), 0), bot = random_values(size_t(sw), 0);
+    std::vector<ndf::AxisWeight> wy(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) wy[size_t(r)] = ndf::AxisWeight{0, 1, 1.0f - 0.17f * float(r), 0.17f * float(r)};
+    for (int nsets : {1, 3, 300}) {
+      std::uniform_int_distribution<int> pick(0, nsets - 1);
+      std::vector<uint16_t> sets(static_cast<size_t>(rows * sw));
+      for (size_t i = 0; i < sets.size(); ++i) sets[i] = uint16_t(i % 5 == 0 ? pick(rng) : (i / 8) % size_t(nsets));
+      for (float T : {-10.0f, 0.0f, 1.0f, 10.0f}) {
+        for (int64_t xa : {int64_t(0), sw / 3}) {
+          std::vector<int32_t> cnt(size_t(nsets), 0), touched(size_t(nsets), -1), want(size_t(nsets), 0);
+          std::vector<uint16_t> scratch(size_t(chunks + 1)), masks(size_t(rows * chunks));
+          int64_t nt = 0, want_m = 0;
+          const int64_t m = count(top.data(), bot.data(), wy.data(), rows, T, xa, sw, sets.data(), sw, cnt.data(),
+                                  touched.data(), &nt, scratch.data());
+          threshold(top.data(), bot.data(), wy.data(), rows, T, xa, sw, masks.data(), chunks);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t x = xa; x < sw; ++x)
+              if ((masks[size_t(r * chunks + (x - xa) / 16)] >> ((x - xa) % 16)) & 1u) {
+                ++want[sets[size_t(r * sw + x)]];
+                ++want_m;
+              }
+          CHECK(m == want_m, "sw=%lld sets=%d T=%g xa=%lld: %lld mask pixels, want %lld", (long long)sw, nsets, T,
+                (long long)xa, (long long)m, (long long)want_m);
+          CHECK(cnt == want, "sw=%lld sets=%d T=%g xa=%lld: per-set counts differ", (long long)sw, nsets, T,
+                (long long)xa);
+          std::vector<int32_t> seen(touched.begin(), touched.begin() + nt), nonzero;
+          std::sort(seen.begin(), seen.end());
+          for (int s = 0; s < nsets; ++s)
+            if (want[size_t(s)]) nonzero.push_back(s);
+          CHECK(seen == nonzero, "sw=%lld sets=%d T=%g: touched list is not the sets counted", (long long)sw, nsets,
+                T);
+        }
+      }
+    }
+  }
+}
+
 void test_bilinear_weights() {
   for (int64_t in : {1, 2, 7, 13, 14, 28}) {
     for (int64_t out : {1, 7, 17, 112, 113, 224}) {
@@ -226,6 +272,7 @@ int main() {
   test_select_top();
   test_scan_append();
   test_interp_and_threshold();
+  test_count_span();
   test_bilinear_weights();
   test_tail_quantile();
   if (failures) {
