@@ -40,10 +40,27 @@ struct Scratch {
   std::vector<int32_t> cnt, touched;        // per local label set: mask pixels; sets with cnt > 0
   std::vector<int64_t> slot_cnt;            // per local label (slot): mask pixels
   std::vector<int32_t> slot_touched;
-  Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots)
+  // The adds of the last counted map into I, applied one map later: their cache
+  // lines are prefetched when they are known and arrive while the next map is
+  // counted (a unit's row of I is mostly out of cache: a batch touches each line
+  // about once).
+  std::vector<int64_t*> pending_at;
+  std::vector<int64_t> pending_add;
+  size_t pending = 0;
+  Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots, int64_t max_image_labels)
       : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)), chunks(size_t(g.sw / 16 + 2)),
         rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0), touched(size_t(max_sets)),
-        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots)) {}
+        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots)),
+        pending_at(size_t(max_slots + max_image_labels)), pending_add(size_t(max_slots + max_image_labels)) {}
+  void defer(int64_t* at, int64_t add) {
+    __builtin_prefetch(at, 1, 3);
+    pending_at[pending] = at;
+    pending_add[pending++] = add;
+  }
+  void flush() {
+    for (size_t i = 0; i < pending; ++i) *pending_at[i] += pending_add[i];
+    pending = 0;
+  }
 };
 
 // Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
@@ -122,12 +139,13 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
       sc.slot_cnt[size_t(j)] = v + c;
     }
   }
+  sc.flush();
   for (int64_t i = 0; i < nslots; ++i) {
     const int32_t j = sc.slot_touched[size_t(i)];
-    Ik[slot_label[j]] += sc.slot_cnt[size_t(j)];
+    sc.defer(Ik + slot_label[j], sc.slot_cnt[size_t(j)]);
     sc.slot_cnt[size_t(j)] = 0;
   }
-  for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) Ik[lb.image_labels[j]] += M;
+  for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) sc.defer(Ik + lb.image_labels[j], M);
   uint32_t cats = counted_categories(rule, info.image_categories[size_t(b)], overlap,
                                      info.image_level_categories[size_t(b)]);
   for (int32_t c = 0; cats; ++c, cats >>= 1)
@@ -174,10 +192,13 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   if (st.code != TallyStatus::Ok) return st;
 
   const int64_t K = a.units;
+  int64_t max_image_labels = 0;
+  for (int64_t b = 0; b < lb.batch; ++b)
+    max_image_labels = std::max(max_image_labels, lb.image_label_start[b + 1] - lb.image_label_start[b]);
   std::vector<TallyStatus> bad(size_t(std::max(threads, 1)));
 #pragma omp parallel num_threads(threads)
   {
-    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1));
+    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1), max_image_labels);
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
     const ScanMapsFn scan = scan_maps();
     // Units go in blocks handed out dynamically (firing, and so cost, varies by
@@ -217,6 +238,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
         }
       }
     }
+    sc.flush();
   }
   for (const TallyStatus& b : bad)
     if (b.code != TallyStatus::Ok &&
