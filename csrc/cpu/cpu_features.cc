@@ -128,7 +128,7 @@ inline int64_t count_chunks_scalar(const uint16_t* chunks, int64_t xa, int64_t x
 
 template <ThresholdSpanFn Threshold>
 int64_t count_span_composed(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                            int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
+                            float /*skip*/, int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
                             int32_t* touched, int64_t* ntouched, uint16_t* chunks) {
   int64_t M = 0, nt = *ntouched;
   for (int64_t r = 0; r < rows; ++r) {
@@ -376,18 +376,22 @@ __attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, 
   }
 }
 
-// threshold_span_avx512 fused with the count: a chunk's 16 set ids are loaded
-// (masked: no read outside the mask) and counted a distinct set at a time, so a
-// chunk costs one compare per set it holds, not one step per pixel.
+// threshold_span_avx512 fused with the count. Columns where neither source row
+// exceeds `skip` are skipped a chunk at a time (the vertical lerp cannot lift
+// them above T). A row's chunk of 16 set ids is loaded masked (nothing outside
+// the mask is read) and counted a distinct set at a time: one compare per set
+// the chunk holds, not one step per pixel.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
-    const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, int64_t xa, int64_t xb,
-    const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched, uint16_t* /*chunks*/) {
-  const __m512 t = _mm512_set1_ps(T);
+    const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, float skip, int64_t xa,
+    int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched,
+    uint16_t* /*chunks*/) {
+  const __m512 t = _mm512_set1_ps(T), sk = _mm512_set1_ps(skip);
   int64_t M = 0, nt = *ntouched;
   for (int64_t px = xa; px < xb; px += 16) {
     const int64_t n = xb - px < 16 ? xb - px : 16;
     const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
     const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
+    if (!_mm512_mask_cmp_ps_mask(live, _mm512_max_ps(u, v), sk, _CMP_GT_OQ)) continue;
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
       __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);

@@ -48,9 +48,11 @@ ThresholdSpanFn threshold_span();
 // label set: for each pixel above T, cnt[set] += 1 where set = sets[r * sw + px]
 // (sets: the pixel set ids of the span's first row). A set whose count leaves 0
 // is appended to touched[*ntouched++]. Returns the number of mask pixels.
-// `chunks` is scratch for one row's masks (room for (xb - xa) / 16 + 1 values).
+// Columns where top and bot are both <= skip may be skipped: the caller
+// guarantees that no lerp_y of such values exceeds T. `chunks` is scratch for one
+// row's masks (room for (xb - xa) / 16 + 1 values).
 using CountSpanFn = int64_t (*)(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                                int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
+                                float skip, int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
                                 int32_t* touched, int64_t* ntouched, uint16_t* chunks);
 CountSpanFn count_span();
 

@@ -117,7 +117,7 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
       }
     }
     M += count(sc.hrows.data() + int64_t(ys.i0) * sw, sc.hrows.data() + int64_t(ys.i1) * sw,
-               g.yw.data() + ys.start, ys.end - ys.start, T, xa, xb, ps + int64_t(ys.start) * sw, sw,
+               g.yw.data() + ys.start, ys.end - ys.start, T, Tm, xa, xb, ps + int64_t(ys.start) * sw, sw,
                sc.cnt.data(), sc.touched.data(), &ntouched, sc.chunks.data());
   }
   if (M == 0) return;

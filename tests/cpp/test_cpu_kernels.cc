@@ -190,7 +190,7 @@ void test_count_span() {
           std::vector<int32_t> cnt(size_t(nsets), 0), touched(size_t(nsets), -1), want(size_t(nsets), 0);
           std::vector<uint16_t> scratch(size_t(chunks + 1)), masks(size_t(rows * chunks));
           int64_t nt = 0, want_m = 0;
-          const int64_t m = count(top.data(), bot.data(), wy.data(), rows, T, xa, sw, sets.data(), sw, cnt.data(),
+          const int64_t m = count(top.data(), bot.data(), wy.data(), rows, T, T - 1e-3f, xa, sw, sets.data(), sw, cnt.data(),
                                   touched.data(), &nt, scratch.data());
           threshold(top.data(), bot.data(), wy.data(), rows, T, xa, sw, masks.data(), chunks);
           for (int64_t r = 0; r < rows; ++r)
