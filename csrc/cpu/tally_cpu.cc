@@ -192,6 +192,8 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   if (st.code != TallyStatus::Ok) return st;
 
   const int64_t K = a.units;
+  const char* raw = static_cast<const char*>(a.data);
+  const int64_t elem = D == DType::F32 ? 4 : 2, map_bytes = a.map_size * elem;
   int64_t max_image_labels = 0;
   for (int64_t b = 0; b < lb.batch; ++b)
     max_image_labels = std::max(max_image_labels, lb.image_label_start[b + 1] - lb.image_label_start[b]);
@@ -227,7 +229,15 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
           }
         }
         if (my_bad.code != TallyStatus::Ok) break;
+        const int64_t next = std::min(kTile, a.batch - b0 - nb);  // images of the next tile
         for (int64_t i = 0; i < R; ++i) {
+          // This unit's maps in the next tile go to cache while this tile is
+          // counted, so the next scan does not wait on memory.
+          for (int64_t t = 0; t < next; ++t) {
+            const uintptr_t from = uintptr_t(raw + ((b0 + nb + t) * a.stride_batch + (k0 + i) * a.stride_unit) * elem);
+            for (uintptr_t line = from & ~uintptr_t(63); line < from + map_bytes; line += 64)
+              __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
+          }
           const float T = thresholds[k0 + i];
           for (int64_t t = 0; t < nb; ++t) {
             const size_t j = size_t(t * R + i);
