@@ -404,7 +404,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
         const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
         w = __mmask16(w & ~eq);
         const int32_t c = cnt[s];
-        if (c == 0) touched[nt++] = s;
+        touched[nt] = s;  // kept only when s is new: no branch to mispredict
+        nt += c == 0;
         cnt[s] = c + __builtin_popcount(unsigned(eq));
       } while (w);
     }

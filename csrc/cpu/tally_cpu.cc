@@ -135,7 +135,8 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
     for (int64_t e = lb.set_label_start[gs]; e < lb.set_label_start[gs + 1]; ++e) {
       const int32_t j = info.entry_slot[size_t(e)];
       const int64_t v = sc.slot_cnt[size_t(j)];
-      if (v == 0) sc.slot_touched[size_t(nslots++)] = j;
+      sc.slot_touched[size_t(nslots)] = j;  // kept only when j is new (branch-free)
+      nslots += v == 0;
       sc.slot_cnt[size_t(j)] = v + c;
     }
   }
