@@ -37,6 +37,10 @@ def test_store_equals_decoded_pngs(small_broden):
     assert_same(store.take(np.arange(40)), everything)
     for idx in ([39, 0, 5, 5, 6, 7], [3], np.arange(10, 30)):
         assert_same(store.take(idx), everything.take(idx))
+    # Consecutive rows are sliced, not gathered: equal to encoding just those images.
+    for a, b in ((10, 30), (0, 40), (38, 40)):
+        assert_same(store.take(np.arange(a, b)), decoded(small_broden).take(np.arange(a, b)))
+        assert_same(everything.take(np.arange(a, b)), Broden(small_broden, store=None).label_batch(np.arange(a, b)))
     assert len(store) == 40 and store.seg_shape == (48, 48)
     store.close()
     ds.close()

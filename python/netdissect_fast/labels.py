@@ -150,6 +150,8 @@ class LabelBatch:
             raise ValueError("LabelBatch.take: no indices")
         if idx.min() < 0 or idx.max() >= self.batch:
             raise IndexError(f"LabelBatch.take: index out of range 0..{self.batch - 1}")
+        if idx.size > 1 and idx[-1] - idx[0] == idx.size - 1 and (np.diff(idx) == 1).all():
+            return self._slice(int(idx[0]), int(idx[-1]) + 1)
         s0, s1 = self.set_start[idx], self.set_start[idx + 1]
         set_idx = _ranges(s0, s1)
         l0, l1 = self.set_label_start[set_idx], self.set_label_start[set_idx + 1]
@@ -162,6 +164,21 @@ class LabelBatch:
             set_pixels=self.set_pixels[set_idx],
             image_label_start=np.concatenate([[0], np.cumsum(i1 - i0)]).astype(np.int64),
             image_labels=self.image_labels[_ranges(i0, i1)].astype(np.int32, copy=False),
+        )
+
+    def _slice(self, a: int, b: int) -> "LabelBatch":
+        """Images a..b-1: every array is a slice (the common case of consecutive batches)."""
+        s0, s1 = int(self.set_start[a]), int(self.set_start[b])
+        l0, l1 = int(self.set_label_start[s0]), int(self.set_label_start[s1])
+        i0, i1 = int(self.image_label_start[a]), int(self.image_label_start[b])
+        return LabelBatch(
+            pixel_sets=np.ascontiguousarray(self.pixel_sets[a:b]),
+            set_start=self.set_start[a:b + 1] - s0,
+            set_label_start=self.set_label_start[s0:s1 + 1] - l0,
+            set_labels=self.set_labels[l0:l1].astype(np.int32, copy=False),
+            set_pixels=self.set_pixels[s0:s1],
+            image_label_start=self.image_label_start[a:b + 1] - i0,
+            image_labels=self.image_labels[i0:i1].astype(np.int32, copy=False),
         )
 
     def validate(self, num_labels: int) -> None:

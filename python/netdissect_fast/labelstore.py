@@ -106,6 +106,8 @@ class LabelStore:
 
     def read_pixel_sets(self, idx: np.ndarray) -> np.ndarray:
         if self._pixels_map is not None:
+            if idx.size > 1 and idx[-1] - idx[0] == idx.size - 1 and (np.diff(idx) == 1).all():
+                return np.ascontiguousarray(self._pixels_map[idx[0]:idx[-1] + 1])  # consecutive rows: a slice
             return np.ascontiguousarray(self._pixels_map[idx])
         unique, inverse = np.unique(idx, return_inverse=True)   # h5py wants increasing indices
         return self._pixels[unique][inverse]
