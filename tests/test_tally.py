@@ -145,6 +145,29 @@ def test_a_label_on_two_planes_counts_twice_and_noisy_labels(rule):
     assert t.intersection[:, 5].sum() > 0
 
 
+@pytest.mark.parametrize("map_shape", [(1, 1), (2, 2)])
+def test_masks_covering_every_label_set_of_their_image(map_shape):
+    """Few label sets per image, masks over whole images: every set and label of an
+    image is counted by one map, in every order (the kernel's touched lists fill up;
+    CI runs this under AddressSanitizer)."""
+    rng = np.random.default_rng(21)
+    sh, sw = 48, 40
+    primary = np.array([-1, 0, 1, 0], np.int16)
+    images = []
+    for i in range(6):
+        planes = np.zeros((2, sh, sw), np.int64)
+        planes[0, :, (i % 3) * 5:] = 1 + i % 2                    # unlabelled columns, then a or b
+        planes[1, (i * 7) % sh:, :] = 3                          # and c on a band of rows
+        planes[:, rng.random((sh, sw)) < 0.05] = 0                 # unlabelled specks
+        images.append((planes, []))
+    ds = StubDataset(images, primary, ["c0", "c1"], (sh, sw))
+    acts = np.abs(smooth_activations(rng, 6, 3, *map_shape)) + 1.0
+    thr = np.zeros(3)                                              # every pixel of every map counts
+    for rule in ("paper", "netdissect-lite"):
+        for bs in (1, 6):
+            assert_counts(run(ds, acts, thr, rule, bs=bs), acts, ds, thr, rule)
+
+
 def test_images_without_pixel_labels_and_image_level_only():
     rng = np.random.default_rng(16)
     ds = random_dataset(rng, n_images=6, max_planes=0)

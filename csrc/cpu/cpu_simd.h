@@ -47,7 +47,8 @@ ThresholdSpanFn threshold_span();
 // Thresholds one cell span like ThresholdSpanFn and counts its mask pixels per
 // label set: for each pixel above T, cnt[set] += 1 where set = sets[r * sw + px]
 // (sets: the pixel set ids of the span's first row). A set whose count leaves 0
-// is appended to touched[*ntouched++]. Returns the number of mask pixels.
+// is appended to touched[*ntouched++]; touched has room for one entry more than
+// there are sets (it is written branch-free). Returns the number of mask pixels.
 // Columns where top and bot are both <= skip may be skipped: the caller
 // guarantees that no lerp_y of such values exceeds T. `chunks` is scratch for one
 // row's masks (room for (xb - xa) / 16 + 1 values).

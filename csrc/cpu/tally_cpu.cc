@@ -37,8 +37,11 @@ struct Scratch {
   std::vector<int64_t> hlo, hhi;  // per source row: columns [lo, hi) of hrows are valid
   std::vector<uint16_t> chunks;   // one row's 16-pixel mask chunks (count_span's scratch)
   std::vector<uint64_t> rowbits;
-  std::vector<int32_t> cnt, touched;        // per local label set: mask pixels; sets with cnt > 0
-  std::vector<int64_t> slot_cnt;            // per local label (slot): mask pixels
+  // Per local label set: mask pixels, and the sets with cnt > 0; per local label
+  // (slot) the same. The touched lists have one spare entry: they are written
+  // branch-free, one past their end once every set (slot) is in.
+  std::vector<int32_t> cnt, touched;
+  std::vector<int64_t> slot_cnt;
   std::vector<int32_t> slot_touched;
   // The adds of the last counted map into I, applied one map later: their cache
   // lines are prefetched when they are known and arrive while the next map is
@@ -49,8 +52,8 @@ struct Scratch {
   size_t pending = 0;
   Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots, int64_t max_image_labels)
       : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)), chunks(size_t(g.sw / 16 + 2)),
-        rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0), touched(size_t(max_sets)),
-        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots)),
+        rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0), touched(size_t(max_sets) + 1),
+        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots) + 1),
         pending_at(size_t(max_slots + max_image_labels)), pending_add(size_t(max_slots + max_image_labels)) {}
   void defer(int64_t* at, int64_t add) {
     __builtin_prefetch(at, 1, 3);

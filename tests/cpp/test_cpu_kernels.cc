@@ -187,7 +187,7 @@ void test_count_span() {
       for (size_t i = 0; i < sets.size(); ++i) sets[i] = uint16_t(i % 5 == 0 ? pick(rng) : (i / 8) % size_t(nsets));
       for (float T : {-10.0f, 0.0f, 1.0f, 10.0f}) {
         for (int64_t xa : {int64_t(0), sw / 3}) {
-          std::vector<int32_t> cnt(size_t(nsets), 0), touched(size_t(nsets), -1), want(size_t(nsets), 0);
+          std::vector<int32_t> cnt(size_t(nsets), 0), touched(size_t(nsets) + 1, -1), want(size_t(nsets), 0);
           std::vector<uint16_t> scratch(size_t(chunks + 1)), masks(size_t(rows * chunks));
           int64_t nt = 0, want_m = 0;
           const int64_t m = count(top.data(), bot.data(), wy.data(), rows, T, T - 1e-3f, xa, sw, sets.data(), sw, cnt.data(),
