@@ -414,6 +414,61 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
   return M;
 }
 
+// count_span_avx512 for a whole map whose rows fit registers: the source rows
+// are upsampled along x by permutes as each 16-column chunk needs them.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_map_avx512(
+    const float* m, float T, float skip, const CellGeometry& g, const uint16_t* sets, int32_t* cnt,
+    int32_t* touched, int64_t* ntouched) {
+  const __mmask16 cols = __mmask16((1u << g.mw) - 1u);
+  const __m512 t = _mm512_set1_ps(T), sk = _mm512_set1_ps(skip);
+  __m512 row[kFusedMaxRows];
+  uint32_t hot[kFusedMaxRows];
+  for (int64_t i = 0; i < g.mh; ++i) {
+    row[i] = _mm512_maskz_loadu_ps(cols, m + i * g.mw);
+    hot[i] = _mm512_mask_cmp_ps_mask(cols, row[i], sk, _CMP_GT_OQ);
+  }
+  int64_t M = 0, nt = *ntouched;
+  for (int64_t y = 0; y < g.n_yspans; ++y) {
+    const Span& ys = g.yspans[y];
+    const uint32_t h = hot[ys.i0] | hot[ys.i1];
+    if (!h) continue;
+    const int64_t xa = g.xspans[g.first_span[__builtin_ctz(h)]].start;
+    const int64_t xb = g.xspans[g.last_span[31 - __builtin_clz(h)]].end;
+    const __m512 r0 = row[ys.i0], r1 = row[ys.i1];
+    const AxisWeight* wy = g.yw + ys.start;
+    const int64_t rows = ys.end - ys.start;
+    const uint16_t* span_sets = sets + int64_t(ys.start) * g.sw;
+    for (int64_t px = xa; px < xb; px += 16) {
+      const int64_t n = xb - px < 16 ? xb - px : 16;
+      const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
+      const __m512i j0 = _mm512_maskz_loadu_epi32(live, g.x0 + px), j1 = _mm512_maskz_loadu_epi32(live, g.x1 + px);
+      const __m512 w0 = _mm512_maskz_loadu_ps(live, g.wx0 + px), w1 = _mm512_maskz_loadu_ps(live, g.wx1 + px);
+      const __m512 u = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(j0, r0), _mm512_mul_ps(w1, _mm512_permutexvar_ps(j1, r0)));
+      const __m512 v = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(j0, r1), _mm512_mul_ps(w1, _mm512_permutexvar_ps(j1, r1)));
+      if (!_mm512_mask_cmp_ps_mask(live, _mm512_max_ps(u, v), sk, _CMP_GT_OQ)) continue;
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
+        __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+        if (!w) continue;
+        M += __builtin_popcount(unsigned(w));
+        const uint16_t* p = span_sets + r * g.sw + px;
+        const __m256i ids = _mm256_maskz_loadu_epi16(w, p);
+        do {
+          const uint16_t s = p[__builtin_ctz(unsigned(w))];
+          const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
+          w = __mmask16(w & ~eq);
+          const int32_t c = cnt[s];
+          touched[nt] = s;  // kept only when s is new: no branch to mispredict
+          nt += c == 0;
+          cnt[s] = c + __builtin_popcount(unsigned(eq));
+        } while (w);
+      }
+    }
+  }
+  *ntouched = nt;
+  return M;
+}
+
 __attribute__((target("avx2,fma"))) void threshold_span_avx2(const float* top, const float* bot,
                                                             const AxisWeight* wy, int64_t rows, float T,
                                                             int64_t xa, int64_t xb, uint16_t* chunks,
@@ -566,6 +621,7 @@ struct Dispatch {
   SelectTopFn select = select_top_scalar;
   HotRowsFn hot = hot_rows_scalar;
   CountSpanFn count = count_span_composed<threshold_span_scalar>;
+  CountMapFn count_map = nullptr;
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
@@ -582,9 +638,9 @@ struct Dispatch {
       maps = scan_maps_avx512;
       select = select_top_avx512;
       hot = hot_rows_avx512;
-      count = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
-                  ? count_span_avx512
-                  : count_span_composed<threshold_span_avx512>;
+      const bool bw = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+      count = bw ? count_span_avx512 : count_span_composed<threshold_span_avx512>;
+      count_map = bw ? count_map_avx512 : nullptr;
       name = "avx512";
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       threshold = threshold_span_avx2;
@@ -613,6 +669,7 @@ ScanAppendFn scan_append() { return dispatch().scan_append; }
 SelectTopFn select_top() { return dispatch().select; }
 HotRowsFn hot_rows() { return dispatch().hot; }
 CountSpanFn count_span() { return dispatch().count; }
+CountMapFn count_map_fused() { return dispatch().count_map; }
 const char* cpu_isa_name() { return dispatch().name; }
 
 }  // namespace ndf

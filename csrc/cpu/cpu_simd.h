@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "ndf/interp.h"
+#include "ndf/tally.h"
 
 namespace ndf {
 
@@ -56,6 +57,28 @@ using CountSpanFn = int64_t (*)(const float* top, const float* bot, const AxisWe
                                 float skip, int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
                                 int32_t* touched, int64_t* ntouched, uint16_t* chunks);
 CountSpanFn count_span();
+
+// The upsampling grid of a tally call, as the fused map counter reads it (views
+// of tally_cpu.cc's Geometry).
+struct CellGeometry {
+  int64_t mh, mw, sw;
+  const Span* yspans;
+  int64_t n_yspans;
+  const AxisWeight* yw;      // per output row
+  const Span* xspans;
+  const int32_t *first_span, *last_span;  // per source column: x-spans touching it (first, last)
+  const int32_t *x0, *x1;    // per output column: source columns
+  const float *wx0, *wx1;    // and their weights
+};
+
+// One whole map (mh <= kFusedMaxRows, mw <= 16) through hot rows, x-upsampling,
+// thresholding and the per-set count of count_span, in registers: the same
+// arithmetic, without the per-span calls and scratch rows. Null where the CPU
+// lacks AVX-512 BW/VL (the caller then takes the separate steps).
+constexpr int64_t kFusedMaxRows = 32;
+using CountMapFn = int64_t (*)(const float* m, float T, float skip, const CellGeometry& g, const uint16_t* sets,
+                               int32_t* cnt, int32_t* touched, int64_t* ntouched);
+CountMapFn count_map_fused();
 
 // out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one
 // source row (mw values) upsampled along x (lerp_x of ndf/interp.h).

@@ -30,6 +30,8 @@ struct Geometry {
   // For source column j: the first x-span reading a column >= j and the last
   // reading a column <= j (the x-spans touching hot columns jmin..jmax).
   std::vector<int32_t> first_span, last_span;
+  CellGeometry cells;         // views of the above for the fused counter
+  CountMapFn fused = nullptr;  // set when the map fits it (count_map_fused)
 };
 
 struct Scratch {
@@ -66,23 +68,16 @@ struct Scratch {
   }
 };
 
-// Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
-// exceed T somewhere.
-void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const LabelBatchView& lb,
-               const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule, TallyCounts out,
-               Scratch& sc) {
+// Thresholds and counts map `m` per label set a cell span at a time (the steps
+// count_map_fused does in registers); returns the mask size.
+int64_t count_map_spans(const float* m, float T, float Tm, const Geometry& g, const uint16_t* ps, Scratch& sc,
+                        int64_t* ntouched) {
   const InterpRowFn interp = interp_row();
   const CountSpanFn count = count_span();
-  const int64_t L = space.num_labels, C = space.num_categories, sw = g.sw;
-  int64_t* Ik = out.intersection + k * L;
-  int64_t* Ak = out.cat_activation + k * C;
+  const int64_t sw = g.sw;
   std::fill(sc.hlo.begin(), sc.hlo.end(), int64_t(0));
   std::fill(sc.hhi.begin(), sc.hhi.end(), int64_t(0));
-  const uint16_t* ps = lb.pixel_sets + b * g.sh * sw;
-  int64_t M = 0, ntouched = 0;
-  // Samples that can lift a pixel above T: a cell whose four corners are all
-  // <= T - amax*2e-6 stays <= T after rounding (see interp_upper_bound).
-  const float Tm = T - amax * 2e-6f;
+  int64_t M = 0;
   const bool narrow = g.mw <= 64;
   if (narrow) hot_rows()(m, g.mh, g.mw, Tm, sc.rowbits.data());
   for (const Span& ys : g.yspans) {
@@ -121,8 +116,26 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
     }
     M += count(sc.hrows.data() + int64_t(ys.i0) * sw, sc.hrows.data() + int64_t(ys.i1) * sw,
                g.yw.data() + ys.start, ys.end - ys.start, T, Tm, xa, xb, ps + int64_t(ys.start) * sw, sw,
-               sc.cnt.data(), sc.touched.data(), &ntouched, sc.chunks.data());
+               sc.cnt.data(), sc.touched.data(), ntouched, sc.chunks.data());
   }
+  return M;
+}
+
+// Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
+// exceed T somewhere.
+void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const LabelBatchView& lb,
+               const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule, TallyCounts out,
+               Scratch& sc) {
+  const int64_t L = space.num_labels, C = space.num_categories;
+  int64_t* Ik = out.intersection + k * L;
+  int64_t* Ak = out.cat_activation + k * C;
+  const uint16_t* ps = lb.pixel_sets + b * g.sh * g.sw;
+  int64_t ntouched = 0;
+  // Samples that can lift a pixel above T: a cell whose four corners are all
+  // <= T - amax*2e-6 stays <= T after rounding (see interp_upper_bound).
+  const float Tm = T - amax * 2e-6f;
+  const int64_t M = g.fused ? g.fused(m, T, Tm, g.cells, ps, sc.cnt.data(), sc.touched.data(), &ntouched)
+                            : count_map_spans(m, T, Tm, g, ps, sc, &ntouched);
   if (M == 0) return;
   // Sets -> the image's labels (slots) -> I: one add per distinct label.
   uint32_t overlap = 0;
@@ -188,6 +201,10 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
     g.wx0.push_back(w.w0);
     g.wx1.push_back(w.w1);
   }
+  g.cells = CellGeometry{g.mh, g.mw, g.sw, g.yspans.data(), int64_t(g.yspans.size()), g.yw.data(),
+                         g.xspans.data(), g.first_span.data(), g.last_span.data(), g.x0.data(), g.x1.data(),
+                         g.wx0.data(), g.wx1.data()};
+  if (g.mw <= 16 && g.mh <= kFusedMaxRows) g.fused = count_map_fused();
   // Reused across calls: fresh multi-megabyte buffers every batch cost page faults.
   // (A reference, so OpenMP threads see the caller's buffers, not their own.)
   static thread_local BatchLabels cache;
