@@ -1,11 +1,13 @@
-// CPU backend of the fused tally. Units are split among OpenMP threads (each
-// unit's rows of I and A have one writer), images are visited in order, so the
-// counts are the same for every thread count, batch size and batch order.
+// CPU backend of the fused tally. Units are split among OpenMP threads in
+// blocks (each unit's rows of I and A have one writer); the counts are integer
+// sums, so they are the same for every thread count, batch size and batch order.
 //
 // Per (image, unit): the map's maximum decides whether any pixel can exceed the
-// threshold; if so, only cells whose corners can exceed it are upsampled, a row
-// segment at a time, and the mask's pixels are counted per label set (a 16-pixel
-// chunk costs one vector compare per distinct set in it), then per label.
+// threshold; if so, only cells whose corners can exceed it are upsampled, and the
+// mask's pixels are counted per label set (a 16-pixel chunk costs one vector
+// compare per distinct set in it), then per label of the image, then added into
+// I. Maps up to 32x16 take one AVX-512 call with their rows in registers
+// (count_map_fused); others go a cell span at a time (count_map_spans).
 #include <omp.h>
 
 #include <algorithm>
