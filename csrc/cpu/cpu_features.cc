@@ -335,6 +335,22 @@ int64_t scan_append_avx2(const float* base, int64_t count, int64_t stride, int64
   return scan_append_by_max(map_max_avx2, base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
 }
 
+// Output columns px..px+15 (lanes in `live`) of a source row held in one
+// register: lerp_x of ndf/interp.h with the two source values fetched by permutes.
+struct XWeights16 {
+  __m512i j0, j1;
+  __m512 w0, w1;
+};
+__attribute__((target("avx512f"), always_inline)) inline XWeights16 x_weights16(__mmask16 live, const int32_t* x0,
+                                                               const int32_t* x1, const float* wx0,
+                                                               const float* wx1) {
+  return XWeights16{_mm512_maskz_loadu_epi32(live, x0), _mm512_maskz_loadu_epi32(live, x1),
+                    _mm512_maskz_loadu_ps(live, wx0), _mm512_maskz_loadu_ps(live, wx1)};
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 lerp_x16(const XWeights16& w, __m512 row) {
+  return _mm512_fmadd_ps(w.w0, _mm512_permutexvar_ps(w.j0, row), _mm512_mul_ps(w.w1, _mm512_permutexvar_ps(w.j1, row)));
+}
+
 // Same loop compiled for FMA hardware: std::fma becomes one instruction (the
 // baseline build calls libm's correctly rounded fmaf instead).
 __attribute__((target("avx512f"))) void interp_row_avx512(const float* row, int64_t mw, const int32_t* x0,
@@ -348,10 +364,8 @@ __attribute__((target("avx512f"))) void interp_row_avx512(const float* row, int6
   const __m512 r = _mm512_maskz_loadu_ps(__mmask16((1u << mw) - 1u), row);
   for (int64_t px = 0; px < n; px += 16) {
     const __mmask16 live = __mmask16(n - px >= 16 ? 0xffffu : (1u << (n - px)) - 1u);
-    const __m512 a = _mm512_permutexvar_ps(_mm512_maskz_loadu_epi32(live, x0 + px), r);
-    const __m512 b = _mm512_permutexvar_ps(_mm512_maskz_loadu_epi32(live, x1 + px), r);
-    const __m512 w0 = _mm512_maskz_loadu_ps(live, wx0 + px), w1 = _mm512_maskz_loadu_ps(live, wx1 + px);
-    _mm512_mask_storeu_ps(out + px, live, _mm512_fmadd_ps(w0, a, _mm512_mul_ps(w1, b)));
+    const XWeights16 w = x_weights16(live, x0 + px, x1 + px, wx0 + px, wx1 + px);
+    _mm512_mask_storeu_ps(out + px, live, lerp_x16(w, r));
   }
 }
 __attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, int64_t /*mw*/, const int32_t* x0,
@@ -376,11 +390,39 @@ __attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, 
   }
 }
 
-// threshold_span_avx512 fused with the count. Columns where neither source row
-// exceeds `skip` are skipped a chunk at a time (the vertical lerp cannot lift
-// them above T). A row's chunk of 16 set ids is loaded masked (nothing outside
-// the mask is read) and counted a distinct set at a time: one compare per set
-// the chunk holds, not one step per pixel.
+// One 16-column chunk of a cell span: the rows' masks (lerp_y of the chunk's two
+// x-upsampled source rows u, v against t) and their pixels counted per label set.
+// A row's 16 set ids (sets + r * sw) are loaded masked (nothing outside the mask
+// is read) and counted a distinct set at a time: one compare per set the chunk
+// holds, not one step per pixel. Returns the mask pixels; `nt` grows with the
+// sets seen for the first time.
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline int64_t count_chunk_rows(
+    __m512 u, __m512 v, __mmask16 live, const AxisWeight* wy, int64_t rows, __m512 t, const uint16_t* sets,
+    int64_t sw, int32_t* cnt, int32_t* touched, int64_t& nt) {
+  int64_t M = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
+    __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+    if (!w) continue;
+    M += __builtin_popcount(unsigned(w));
+    const uint16_t* p = sets + r * sw;
+    const __m256i ids = _mm256_maskz_loadu_epi16(w, p);
+    do {
+      const uint16_t s = p[__builtin_ctz(unsigned(w))];
+      const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
+      w = __mmask16(w & ~eq);
+      const int32_t c = cnt[s];
+      touched[nt] = s;  // kept only when s is new: no branch to mispredict
+      nt += c == 0;
+      cnt[s] = c + __builtin_popcount(unsigned(eq));
+    } while (w);
+  }
+  return M;
+}
+
+// threshold_span_avx512 fused with the count (count_chunk_rows). Columns where
+// neither source row exceeds `skip` are skipped a chunk at a time (the vertical
+// lerp cannot lift them above T).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
     const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, float skip, int64_t xa,
     int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched,
@@ -392,23 +434,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
     const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
     const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
     if (!_mm512_mask_cmp_ps_mask(live, _mm512_max_ps(u, v), sk, _CMP_GT_OQ)) continue;
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
-      __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
-      if (!w) continue;
-      M += __builtin_popcount(unsigned(w));
-      const uint16_t* p = sets + r * sw + px;
-      const __m256i ids = _mm256_maskz_loadu_epi16(w, p);
-      do {
-        const uint16_t s = p[__builtin_ctz(unsigned(w))];
-        const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
-        w = __mmask16(w & ~eq);
-        const int32_t c = cnt[s];
-        touched[nt] = s;  // kept only when s is new: no branch to mispredict
-        nt += c == 0;
-        cnt[s] = c + __builtin_popcount(unsigned(eq));
-      } while (w);
-    }
+    M += count_chunk_rows(u, v, live, wy, rows, t, sets + px, sw, cnt, touched, nt);
   }
   *ntouched = nt;
   return M;
@@ -441,28 +467,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_map_avx512(
     for (int64_t px = xa; px < xb; px += 16) {
       const int64_t n = xb - px < 16 ? xb - px : 16;
       const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
-      const __m512i j0 = _mm512_maskz_loadu_epi32(live, g.x0 + px), j1 = _mm512_maskz_loadu_epi32(live, g.x1 + px);
-      const __m512 w0 = _mm512_maskz_loadu_ps(live, g.wx0 + px), w1 = _mm512_maskz_loadu_ps(live, g.wx1 + px);
-      const __m512 u = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(j0, r0), _mm512_mul_ps(w1, _mm512_permutexvar_ps(j1, r0)));
-      const __m512 v = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(j0, r1), _mm512_mul_ps(w1, _mm512_permutexvar_ps(j1, r1)));
+      const XWeights16 xw = x_weights16(live, g.x0 + px, g.x1 + px, g.wx0 + px, g.wx1 + px);
+      const __m512 u = lerp_x16(xw, r0), v = lerp_x16(xw, r1);
       if (!_mm512_mask_cmp_ps_mask(live, _mm512_max_ps(u, v), sk, _CMP_GT_OQ)) continue;
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
-        __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
-        if (!w) continue;
-        M += __builtin_popcount(unsigned(w));
-        const uint16_t* p = span_sets + r * g.sw + px;
-        const __m256i ids = _mm256_maskz_loadu_epi16(w, p);
-        do {
-          const uint16_t s = p[__builtin_ctz(unsigned(w))];
-          const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
-          w = __mmask16(w & ~eq);
-          const int32_t c = cnt[s];
-          touched[nt] = s;  // kept only when s is new: no branch to mispredict
-          nt += c == 0;
-          cnt[s] = c + __builtin_popcount(unsigned(eq));
-        } while (w);
-      }
+      M += count_chunk_rows(u, v, live, wy, rows, t, span_sets + px, g.sw, cnt, touched, nt);
     }
   }
   *ntouched = nt;
