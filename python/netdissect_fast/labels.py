@@ -150,8 +150,9 @@ class LabelBatch:
             raise ValueError("LabelBatch.take: no indices")
         if idx.min() < 0 or idx.max() >= self.batch:
             raise IndexError(f"LabelBatch.take: index out of range 0..{self.batch - 1}")
-        if idx.size > 1 and idx[-1] - idx[0] == idx.size - 1 and (np.diff(idx) == 1).all():
-            return self._slice(int(idx[0]), int(idx[-1]) + 1)
+        run = consecutive_run(idx)
+        if run is not None:
+            return self._slice(*run)
         s0, s1 = self.set_start[idx], self.set_start[idx + 1]
         set_idx = _ranges(s0, s1)
         l0, l1 = self.set_label_start[set_idx], self.set_label_start[set_idx + 1]
@@ -216,6 +217,14 @@ class LabelBatch:
                 bad = a[(a < 1) | (a >= num_labels)][0]
                 raise ValueError(f"labels.{name}: label number {int(bad)} is outside the label "
                                  f"space 1..{num_labels - 1}")
+
+
+def consecutive_run(idx: np.ndarray) -> tuple[int, int] | None:
+    """(a, b) when ``idx`` is a, a+1, ..., b-1 (two or more), so a batch can be sliced
+    instead of gathered; None otherwise."""
+    if idx.size > 1 and idx[-1] - idx[0] == idx.size - 1 and (np.diff(idx) == 1).all():
+        return int(idx[0]), int(idx[-1]) + 1
+    return None
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from .broden import parallel_map, read_row_planes
-from .labels import LabelBatch
+from .labels import LabelBatch, consecutive_run
 
 FORMAT_VERSION = 1
 CHUNK = 64
@@ -106,8 +106,9 @@ class LabelStore:
 
     def read_pixel_sets(self, idx: np.ndarray) -> np.ndarray:
         if self._pixels_map is not None:
-            if idx.size > 1 and idx[-1] - idx[0] == idx.size - 1 and (np.diff(idx) == 1).all():
-                return np.ascontiguousarray(self._pixels_map[idx[0]:idx[-1] + 1])  # consecutive rows: a slice
+            run = consecutive_run(idx)
+            if run is not None:
+                return np.ascontiguousarray(self._pixels_map[run[0]:run[1]])
             return np.ascontiguousarray(self._pixels_map[idx])
         unique, inverse = np.unique(idx, return_inverse=True)   # h5py wants increasing indices
         return self._pixels[unique][inverse]
