@@ -10,7 +10,7 @@ baselines — the straightforward torch pipeline (interpolate everything,
 threshold, bincount) and the NetDissect-Lite loop (per image and unit: max-skip,
 PIL float bilinear resize, numpy bincount) — timed on a slice and extrapolated.
 
-    python bench/bench_tally.py [--images 1000] [--threads 2]
+    python bench/bench_tally.py [--images 1000] [--threads 2] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -129,11 +129,11 @@ def netdissect_lite_loop(ds, acts, thr, n_img):
     return I
 
 
-def read_twice_seconds(acts):
+def read_twice_seconds(acts, repeats):
     import torch
     t = torch.from_numpy(acts)
     t.sum()
-    return measure("read", lambda: (t.sum(), t.sum()), repeats=3).median
+    return measure("read", lambda: (t.sum(), t.sum()), repeats=repeats).median
 
 
 def bench_config(rng, args, K, h, w, n_images, baselines):
@@ -144,16 +144,16 @@ def bench_config(rng, args, K, h, w, n_images, baselines):
     for s in range(0, n_images, 64):
         qs.update(acts[s:s + 64])
     thr = qs.thresholds()
-    t1 = measure("tally1", lambda: run_tally(ds, acts, thr, 1), repeats=3).median
-    t2 = measure("tally2", lambda: run_tally(ds, acts, thr, args.threads), repeats=3).median
+    t1 = measure("tally1", lambda: run_tally(ds, acts, thr, 1), repeats=args.repeats).median
+    t2 = measure("tally2", lambda: run_tally(ds, acts, thr, args.threads), repeats=args.repeats).median
 
     def both():
         q = ndf.QuantileSketch(K, total=total, device="cpu", threads=args.threads)
         for s in range(0, n_images, 64):
             q.update(acts[s:s + 64])
         run_tally(ds, acts, q.thresholds(), args.threads)
-    tq = measure("quantile+tally", both, repeats=3).median
-    rt = read_twice_seconds(acts)
+    tq = measure("quantile+tally", both, repeats=args.repeats).median
+    rt = read_twice_seconds(acts, args.repeats)
     per1k = lambda t: t / n_images * 1000 * 1000  # ms per 1000 images
     rows = [(f"K={K} {h}x{w}: ndf tally, 1 thread", f"{per1k(t1):.1f}", f"{n_images / t1:,.0f}", ""),
             (f"K={K} {h}x{w}: ndf tally, {args.threads} threads", f"{per1k(t2):.1f}", f"{n_images / t2:,.0f}",
@@ -185,6 +185,8 @@ def main():
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline-images", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each of our rows (the median is shown); more steadies a noisy machine")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
