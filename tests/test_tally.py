@@ -112,6 +112,34 @@ def test_mask_is_bit_identical_to_torch_threshold():
     np.testing.assert_array_equal(t.intersection[:, 1], expect)
 
 
+@pytest.mark.parametrize("map_shape,seg_shape", [((7, 7), (112, 112)), ((13, 13), (113, 113)), ((5, 40), (64, 200))])
+def test_maps_within_ulps_of_the_threshold(map_shape, seg_shape):
+    """Values a few ulps apart around the threshold, and rows alternating above and
+    below it: which pixels exceed T is decided by rounding, inside the kernel's
+    skipping margin, and a cell span's mask can start at both of its edges. The
+    counts must still be the dense reference's, pixel for pixel."""
+    rng = np.random.default_rng(zlib.crc32(repr(map_shape).encode()))
+    n, k = 5, 6
+    h, w = map_shape
+    ulps = rng.integers(-3, 4, (n, k, h, w)).astype(np.float32)
+    acts = np.float32(1.0) + ulps * np.float32(2.0 ** -23)
+    rows = np.where(np.arange(h) % 2 == 0, 1.0, -1.0).astype(np.float32)[:, None]
+    acts[:, 1] = 1.0 + rows * (1e-3 + rng.random((n, h, w)).astype(np.float32) * 1e-3)  # edges hot, dip between
+    cols = np.where(np.arange(w) % 3 == 0, 1.0, -1.0).astype(np.float32)[None, :]
+    acts[:, 2] = 1.0 + rows * cols * np.float32(2.0 ** -22)  # lanes rising and falling in one chunk
+    acts = acts.astype(np.float32)
+    up = upsample_bilinear(acts, seg_shape)
+    levels = [np.unique(up[:, j]) for j in range(k)]  # thresholds on upsampled values: ties too
+    thr = np.array([lv[len(lv) * (j + 3) // (k + 4)] for j, lv in enumerate(levels)], np.float64)
+    images = [(np.ones((1,) + seg_shape, np.int64), []) for _ in range(n)]
+    whole = run(StubDataset(images, [-1, 0], ["c"], seg_shape), acts, thr)
+    expect = (up > thr.astype(np.float32)[None, :, None, None]).sum(axis=(0, 2, 3))
+    assert expect.min() > 0
+    np.testing.assert_array_equal(whole.intersection[:, 1], expect)
+    ds = random_dataset(rng, n_images=n, seg_shape=seg_shape, block=5)
+    assert_counts(run(ds, acts, thr), acts, ds, thr, "paper", upsampled=up)
+
+
 def test_receptive_field_mode_matches_its_reference():
     rng = np.random.default_rng(15)
     ds = random_dataset(rng, n_images=5, seg_shape=(112, 112))

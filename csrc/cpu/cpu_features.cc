@@ -390,39 +390,65 @@ __attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, 
   }
 }
 
+// The set count of one row's mask pixels w (16 columns at p, w != 0). A row's
+// 16 set ids are loaded masked (nothing outside the mask is read) and counted a
+// distinct set at a time: one compare per set the chunk holds, not one step per
+// pixel. `nt` grows with the sets seen for the first time.
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void count_row_sets(
+    __mmask16 w, const uint16_t* p, int32_t* cnt, int32_t* touched, int64_t& nt) {
+  const __m256i ids = _mm256_maskz_loadu_epi16(w, p);
+  do {
+    const uint16_t s = p[__builtin_ctz(unsigned(w))];
+    const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
+    w = __mmask16(w & ~eq);
+    const int32_t c = cnt[s];
+    touched[nt] = s;  // kept only when s is new: no branch to mispredict
+    nt += c == 0;
+    cnt[s] = c + __builtin_popcount(unsigned(eq));
+  } while (w);
+}
+
 // One 16-column chunk of a cell span: the rows' masks (lerp_y of the chunk's two
-// x-upsampled source rows u, v against t) and their pixels counted per label set.
-// A row's 16 set ids (sets + r * sw) are loaded masked (nothing outside the mask
-// is read) and counted a distinct set at a time: one compare per set the chunk
-// holds, not one step per pixel. Returns the mask pixels; `nt` grows with the
-// sets seen for the first time.
+// x-upsampled source rows u, v against t) and their pixels counted per set.
+// Returns the mask pixels.
+//
+// Rows are walked inwards from each edge whose source row has a lane above
+// `skip`, and a walk stops at the first row with every lane <= skip. Per lane
+// lerp_y is linear in the row weight, so a lane falling away from the edge stays
+// <= skip (exactly; <= T once computed, by the caller's contract on skip) past
+// that row, and a lane rising away from it is the other walk's. The rows visited
+// are the mask's rows plus about one per walk, and the loop leaves once per walk
+// instead of branching where the mask starts and ends.
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline int64_t count_chunk_rows(
-    __m512 u, __m512 v, __mmask16 live, const AxisWeight* wy, int64_t rows, __m512 t, const uint16_t* sets,
-    int64_t sw, int32_t* cnt, int32_t* touched, int64_t& nt) {
-  int64_t M = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
-    __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
-    if (!w) continue;
-    M += __builtin_popcount(unsigned(w));
-    const uint16_t* p = sets + r * sw;
-    const __m256i ids = _mm256_maskz_loadu_epi16(w, p);
-    do {
-      const uint16_t s = p[__builtin_ctz(unsigned(w))];
-      const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
-      w = __mmask16(w & ~eq);
-      const int32_t c = cnt[s];
-      touched[nt] = s;  // kept only when s is new: no branch to mispredict
-      nt += c == 0;
-      cnt[s] = c + __builtin_popcount(unsigned(eq));
-    } while (w);
+    __m512 u, __m512 v, __mmask16 live, const AxisWeight* wy, int64_t rows, __m512 t, __m512 sk,
+    const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t& nt) {
+  int64_t M = 0, r = 0;
+  if (_mm512_mask_cmp_ps_mask(live, u, sk, _CMP_GT_OQ)) {
+    for (; r < rows; ++r) {
+      const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
+      if (!_mm512_mask_cmp_ps_mask(live, val, sk, _CMP_GT_OQ)) break;
+      const __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+      if (!w) continue;
+      M += __builtin_popcount(unsigned(w));
+      count_row_sets(w, sets + r * sw, cnt, touched, nt);
+    }
+  }
+  if (r < rows && _mm512_mask_cmp_ps_mask(live, v, sk, _CMP_GT_OQ)) {
+    for (int64_t q = rows - 1; q >= r; --q) {
+      const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[q].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[q].w1), v));
+      if (!_mm512_mask_cmp_ps_mask(live, val, sk, _CMP_GT_OQ)) break;
+      const __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+      if (!w) continue;
+      M += __builtin_popcount(unsigned(w));
+      count_row_sets(w, sets + q * sw, cnt, touched, nt);
+    }
   }
   return M;
 }
 
 // threshold_span_avx512 fused with the count (count_chunk_rows). Columns where
 // neither source row exceeds `skip` are skipped a chunk at a time (the vertical
-// lerp cannot lift them above T).
+// lerp cannot lift them above T), and rows as count_chunk_rows walks them.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
     const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, float skip, int64_t xa,
     int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched,
@@ -434,7 +460,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
     const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
     const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
     if (!_mm512_mask_cmp_ps_mask(live, _mm512_max_ps(u, v), sk, _CMP_GT_OQ)) continue;
-    M += count_chunk_rows(u, v, live, wy, rows, t, sets + px, sw, cnt, touched, nt);
+    M += count_chunk_rows(u, v, live, wy, rows, t, sk, sets + px, sw, cnt, touched, nt);
   }
   *ntouched = nt;
   return M;
@@ -470,7 +496,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_map_avx512(
       const XWeights16 xw = x_weights16(live, g.x0 + px, g.x1 + px, g.wx0 + px, g.wx1 + px);
       const __m512 u = lerp_x16(xw, r0), v = lerp_x16(xw, r1);
       if (!_mm512_mask_cmp_ps_mask(live, _mm512_max_ps(u, v), sk, _CMP_GT_OQ)) continue;
-      M += count_chunk_rows(u, v, live, wy, rows, t, span_sets + px, g.sw, cnt, touched, nt);
+      M += count_chunk_rows(u, v, live, wy, rows, t, sk, span_sets + px, g.sw, cnt, touched, nt);
     }
   }
   *ntouched = nt;

@@ -50,9 +50,10 @@ ThresholdSpanFn threshold_span();
 // (sets: the pixel set ids of the span's first row). A set whose count leaves 0
 // is appended to touched[*ntouched++]; touched has room for one entry more than
 // there are sets (it is written branch-free). Returns the number of mask pixels.
-// Columns where top and bot are both <= skip may be skipped: the caller
-// guarantees that no lerp_y of such values exceeds T. `chunks` is scratch for one
-// row's masks (room for (xb - xa) / 16 + 1 values).
+// `skip` is a bound below T with room for rounding: the caller guarantees that a
+// lerp_y whose exact value is <= skip computes <= T, so the columns and rows where
+// every such value is <= skip may be left out. `chunks` is scratch for one row's
+// masks (room for (xb - xa) / 16 + 1 values).
 using CountSpanFn = int64_t (*)(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
                                 float skip, int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
                                 int32_t* touched, int64_t* ntouched, uint16_t* chunks);

@@ -3,11 +3,12 @@
 // sums, so they are the same for every thread count, batch size and batch order.
 //
 // Per (image, unit): the map's maximum decides whether any pixel can exceed the
-// threshold; if so, only cells whose corners can exceed it are upsampled, and the
-// mask's pixels are counted per label set (a 16-pixel chunk costs one vector
-// compare per distinct set in it), then per label of the image, then added into
-// I. Maps up to 32x16 take one AVX-512 call with their rows in registers
-// (count_map_fused); others go a cell span at a time (count_map_spans).
+// threshold; if so, only cells whose corners can exceed it are upsampled (with
+// AVX-512, a cell's rows are walked in from each hot edge until none can exceed
+// it), and the mask's pixels are counted per label set (a 16-pixel chunk costs
+// one vector compare per distinct set in it), then per label of the image, then
+// added into I. Maps up to 32x16 take one AVX-512 call with their rows in
+// registers (count_map_fused); others go a cell span at a time (count_map_spans).
 #include <omp.h>
 
 #include <algorithm>
@@ -133,8 +134,9 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
   int64_t* Ak = out.cat_activation + k * C;
   const uint16_t* ps = lb.pixel_sets + b * g.sh * g.sw;
   int64_t ntouched = 0;
-  // Samples that can lift a pixel above T: a cell whose four corners are all
-  // <= T - amax*2e-6 stays <= T after rounding (see interp_upper_bound).
+  // The counters' `skip`: an interpolated value whose exact value is <= Tm
+  // computes <= T (rounding moves it by a few units of 2^-24 * amax; see
+  // interp_upper_bound), so cells, columns and rows that stay <= Tm are left out.
   const float Tm = T - amax * 2e-6f;
   const int64_t M = g.fused ? g.fused(m, T, Tm, g.cells, ps, sc.cnt.data(), sc.touched.data(), &ntouched)
                             : count_map_spans(m, T, Tm, g, ps, sc, &ntouched);
