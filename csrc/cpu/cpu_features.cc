@@ -408,6 +408,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
   } while (w);
 }
 
+// One row of a walk (count_chunk_rows): its mask pixels counted per set; false
+// when every lane is <= skip, where the walk stops.
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline bool walk_row(
+    __m512 u, __m512 v, __mmask16 live, const AxisWeight& wy, __m512 t, __m512 sk, const uint16_t* p, int64_t& M,
+    int32_t* cnt, int32_t* touched, int64_t& nt) {
+  const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy.w0), u, _mm512_mul_ps(_mm512_set1_ps(wy.w1), v));
+  if (!_mm512_mask_cmp_ps_mask(live, val, sk, _CMP_GT_OQ)) return false;
+  const __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
+  if (w) {
+    M += __builtin_popcount(unsigned(w));
+    count_row_sets(w, p, cnt, touched, nt);
+  }
+  return true;
+}
+
 // One 16-column chunk of a cell span: the rows' masks (lerp_y of the chunk's two
 // x-upsampled source rows u, v against t) and their pixels counted per set.
 // Returns the mask pixels.
@@ -423,26 +438,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline int64
     __m512 u, __m512 v, __mmask16 live, const AxisWeight* wy, int64_t rows, __m512 t, __m512 sk,
     const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t& nt) {
   int64_t M = 0, r = 0;
-  if (_mm512_mask_cmp_ps_mask(live, u, sk, _CMP_GT_OQ)) {
-    for (; r < rows; ++r) {
-      const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
-      if (!_mm512_mask_cmp_ps_mask(live, val, sk, _CMP_GT_OQ)) break;
-      const __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
-      if (!w) continue;
-      M += __builtin_popcount(unsigned(w));
-      count_row_sets(w, sets + r * sw, cnt, touched, nt);
+  if (_mm512_mask_cmp_ps_mask(live, u, sk, _CMP_GT_OQ))  // down from the top edge
+    for (; r < rows && walk_row(u, v, live, wy[r], t, sk, sets + r * sw, M, cnt, touched, nt); ++r) {
     }
-  }
-  if (r < rows && _mm512_mask_cmp_ps_mask(live, v, sk, _CMP_GT_OQ)) {
-    for (int64_t q = rows - 1; q >= r; --q) {
-      const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[q].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[q].w1), v));
-      if (!_mm512_mask_cmp_ps_mask(live, val, sk, _CMP_GT_OQ)) break;
-      const __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
-      if (!w) continue;
-      M += __builtin_popcount(unsigned(w));
-      count_row_sets(w, sets + q * sw, cnt, touched, nt);
+  if (r < rows && _mm512_mask_cmp_ps_mask(live, v, sk, _CMP_GT_OQ))  // up from the bottom edge
+    for (int64_t q = rows - 1; q >= r && walk_row(u, v, live, wy[q], t, sk, sets + q * sw, M, cnt, touched, nt); --q) {
     }
-  }
   return M;
 }
 
