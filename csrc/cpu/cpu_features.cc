@@ -524,6 +524,79 @@ __attribute__((target("avx2,fma"))) void threshold_span_avx2(const float* top, c
   if (px < xb) threshold_chunk_scalar(top, bot, wy, rows, T, px, xb, chunks + c, cstride);
 }
 
+// count_span_avx512's walk for AVX2 (no mask registers): a 16-pixel chunk is two
+// 8-lane halves, and a row's mask is kept as 2 bits per pixel (the movemask of
+// 16-bit lanes), which is also the layout of the set-id compares.
+struct Chunk16 {
+  __m256 u0, u1, v0, v1;  // lanes past the span's end hold 0 and are masked by `live`
+  uint32_t live;          // 2 bits per live pixel
+};
+
+__attribute__((target("avx2,fma,popcnt"), always_inline)) inline uint32_t mask16_of(__m256 lo, __m256 hi) {
+  const __m256i both = _mm256_packs_epi32(_mm256_castps_si256(lo), _mm256_castps_si256(hi));
+  return uint32_t(_mm256_movemask_epi8(_mm256_permute4x64_epi64(both, 0xD8)));  // back to pixel order
+}
+
+// One row of a walk (count_chunk_rows): false when every lane is <= skip.
+__attribute__((target("avx2,fma,popcnt"), always_inline)) inline bool walk_row_avx2(
+    const Chunk16& c, const AxisWeight& wy, __m256 t, __m256 sk, const uint16_t* p, int64_t n, int64_t& M,
+    int32_t* cnt, int32_t* touched, int64_t& nt) {
+  const __m256 a = _mm256_set1_ps(wy.w0), b = _mm256_set1_ps(wy.w1);
+  const __m256 lo = _mm256_fmadd_ps(a, c.u0, _mm256_mul_ps(b, c.v0));
+  const __m256 hi = _mm256_fmadd_ps(a, c.u1, _mm256_mul_ps(b, c.v1));
+  if (!(mask16_of(_mm256_cmp_ps(lo, sk, _CMP_GT_OQ), _mm256_cmp_ps(hi, sk, _CMP_GT_OQ)) & c.live)) return false;
+  uint32_t w = mask16_of(_mm256_cmp_ps(lo, t, _CMP_GT_OQ), _mm256_cmp_ps(hi, t, _CMP_GT_OQ)) & c.live;
+  if (!w) return true;
+  M += __builtin_popcount(w) >> 1;
+  alignas(32) uint16_t tail[16];
+  const uint16_t* q = p;
+  if (n < 16) {  // the span's last chunk: its ids end with the row (lanes past n are masked off)
+    std::memset(tail, 0, sizeof(tail));
+    std::memcpy(tail, p, size_t(n) * sizeof(uint16_t));
+    q = tail;
+  }
+  const __m256i ids = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  do {
+    const uint16_t s = q[__builtin_ctz(w) >> 1];
+    const uint32_t eq = uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi16(ids, _mm256_set1_epi16(short(s))))) & w;
+    w &= ~eq;
+    const int32_t k = cnt[s];
+    touched[nt] = s;  // kept only when s is new: no branch to mispredict
+    nt += k == 0;
+    cnt[s] = k + (__builtin_popcount(eq) >> 1);
+  } while (w);
+  return true;
+}
+
+__attribute__((target("avx2,fma,popcnt"))) int64_t count_span_avx2(
+    const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, float skip, int64_t xa,
+    int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched,
+    uint16_t* /*chunks*/) {
+  const __m256 t = _mm256_set1_ps(T), sk = _mm256_set1_ps(skip);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t M = 0, nt = *ntouched;
+  for (int64_t px = xa; px < xb; px += 16) {
+    const int64_t n = xb - px < 16 ? xb - px : 16;
+    const __m256i in0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lane);
+    const __m256i in1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n) - 8), lane);
+    Chunk16 c{_mm256_maskload_ps(top + px, in0), _mm256_maskload_ps(top + px + 8, in1),
+              _mm256_maskload_ps(bot + px, in0), _mm256_maskload_ps(bot + px + 8, in1),
+              n == 16 ? 0xffffffffu : (1u << (2 * n)) - 1u};
+    const bool top_hot = mask16_of(_mm256_cmp_ps(c.u0, sk, _CMP_GT_OQ), _mm256_cmp_ps(c.u1, sk, _CMP_GT_OQ)) & c.live;
+    const bool bot_hot = mask16_of(_mm256_cmp_ps(c.v0, sk, _CMP_GT_OQ), _mm256_cmp_ps(c.v1, sk, _CMP_GT_OQ)) & c.live;
+    int64_t r = 0;
+    if (top_hot)
+      for (; r < rows && walk_row_avx2(c, wy[r], t, sk, sets + r * sw + px, n, M, cnt, touched, nt); ++r) {
+      }
+    if (r < rows && bot_hot)
+      for (int64_t q = rows - 1; q >= r && walk_row_avx2(c, wy[q], t, sk, sets + q * sw + px, n, M, cnt, touched, nt);
+           --q) {
+      }
+  }
+  *ntouched = nt;
+  return M;
+}
+
 __attribute__((target("avx512f"))) int64_t append_greater_avx512(const float* v, int64_t n, float bound,
                                                                   float* out, int64_t count) {
   const __m512 b = _mm512_set1_ps(bound);
@@ -682,7 +755,7 @@ struct Dispatch {
       interp = interp_row_avx2;
       maps = scan_maps_avx2;
       scan_append = scan_append_avx2;
-      count = count_span_composed<threshold_span_avx2>;
+      count = count_span_avx2;
       name = "avx2";
     }
 #endif
