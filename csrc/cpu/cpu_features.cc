@@ -112,6 +112,17 @@ void interp_row_scalar(const float* row, int64_t /*mw*/, const int32_t* x0, cons
 }
 
 // Counts the pixels of one row's 16-pixel mask chunks per label set, a pixel at a time.
+// cnt[s] += pixels, appending s to the touched list when its count leaves 0
+// (touched has a spare entry: it is written whether or not s is new, so no
+// branch mispredicts on it).
+__attribute__((always_inline)) inline void add_set_pixels(uint16_t s, int32_t pixels, int32_t* cnt, int32_t* touched,
+                                                           int64_t& nt) {
+  const int32_t c = cnt[s];
+  touched[nt] = s;
+  nt += c == 0;
+  cnt[s] = c + pixels;
+}
+
 inline int64_t count_chunks_scalar(const uint16_t* chunks, int64_t xa, int64_t xb, const uint16_t* sets,
                                    int32_t* cnt, int32_t* touched, int64_t& nt) {
   int64_t M = 0;
@@ -401,10 +412,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
     const uint16_t s = p[__builtin_ctz(unsigned(w))];
     const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(w, ids, _mm256_set1_epi16(short(s)));
     w = __mmask16(w & ~eq);
-    const int32_t c = cnt[s];
-    touched[nt] = s;  // kept only when s is new: no branch to mispredict
-    nt += c == 0;
-    cnt[s] = c + __builtin_popcount(unsigned(eq));
+    add_set_pixels(s, __builtin_popcount(unsigned(eq)), cnt, touched, nt);
   } while (w);
 }
 
@@ -560,10 +568,7 @@ __attribute__((target("avx2,fma,popcnt"), always_inline)) inline bool walk_row_a
     const uint16_t s = q[__builtin_ctz(w) >> 1];
     const uint32_t eq = uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi16(ids, _mm256_set1_epi16(short(s))))) & w;
     w &= ~eq;
-    const int32_t k = cnt[s];
-    touched[nt] = s;  // kept only when s is new: no branch to mispredict
-    nt += k == 0;
-    cnt[s] = k + (__builtin_popcount(eq) >> 1);
+    add_set_pixels(s, __builtin_popcount(eq) >> 1, cnt, touched, nt);
   } while (w);
   return true;
 }
