@@ -379,10 +379,28 @@ __attribute__((target("avx512f"))) void interp_row_avx512(const float* row, int6
     _mm512_mask_storeu_ps(out + px, live, lerp_x16(w, r));
   }
 }
-__attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, int64_t /*mw*/, const int32_t* x0,
+__attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, int64_t mw, const int32_t* x0,
                                                         const int32_t* x1, const float* wx0, const float* wx1,
                                                         int64_t n, float* out) {
-  for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
+  if (mw > 16) {
+    for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
+    return;
+  }
+  // The source row fits two registers: permutes (by the index's low 3 bits) and
+  // a blend on index >= 8 replace the scalar loads.
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), seven = _mm256_set1_epi32(7);
+  const __m256 lo = _mm256_maskload_ps(row, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(mw)), lane));
+  const __m256 hi = _mm256_maskload_ps(row + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(mw) - 8), lane));
+  auto pick = [&](__m256i j) __attribute__((target("avx2"))) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, j), _mm256_permutevar8x32_ps(hi, j),
+                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(j, seven)));
+  };
+  for (int64_t px = 0; px < n; px += 8) {
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - px < 8 ? n - px : 8)), lane);
+    const __m256i j0 = _mm256_maskload_epi32(x0 + px, live), j1 = _mm256_maskload_epi32(x1 + px, live);
+    const __m256 w0 = _mm256_maskload_ps(wx0 + px, live), w1 = _mm256_maskload_ps(wx1 + px, live);
+    _mm256_maskstore_ps(out + px, live, _mm256_fmadd_ps(w0, pick(j0), _mm256_mul_ps(w1, pick(j1))));
+  }
 }
 
 __attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, const float* bot,
