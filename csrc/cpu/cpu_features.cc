@@ -210,6 +210,23 @@ __attribute__((target("avx512f"))) void hot_rows_avx512(const float* m, int64_t 
   }
 }
 
+__attribute__((target("avx2"))) void hot_rows_avx2(const float* m, int64_t mh, int64_t mw, float t,
+                                                   uint64_t* rowbits) {
+  const __m256 tv = _mm256_set1_ps(t);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < mh; ++i) {
+    uint64_t hot = 0;
+    for (int64_t j = 0; j < mw; j += 8) {
+      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(mw - j < 8 ? mw - j : 8)), lane);
+      const __m256 x = _mm256_maskload_ps(m + i * mw + j, live);  // masked-off lanes read as 0
+      const uint32_t gt = uint32_t(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, tv, _CMP_GT_OQ),
+                                                                    _mm256_castsi256_ps(live))));
+      hot |= uint64_t(gt) << j;
+    }
+    rowbits[i] = hot;
+  }
+}
+
 __attribute__((target("avx512f"))) float select_top_avx512(float* v, int64_t n, int64_t keep, float* tmp) {
   // Invariant: everything before lo is >= everything in [lo, hi) >= everything after hi;
   // rank r (0-based, largest first) lies in [lo, hi).
@@ -779,6 +796,7 @@ struct Dispatch {
       maps = scan_maps_avx2;
       scan_append = scan_append_avx2;
       count = count_span_avx2;
+      hot = hot_rows_avx2;
       name = "avx2";
     }
 #endif

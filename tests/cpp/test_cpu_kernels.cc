@@ -215,6 +215,25 @@ void test_count_span() {
   }
 }
 
+// hot_rows: bit j of row i is (m[i][j] > t), for widths on both sides of a
+// vector; values equal to t are not hot.
+void test_hot_rows() {
+  const ndf::HotRowsFn hot = ndf::hot_rows();
+  for (int64_t mw : {1, 7, 8, 9, 13, 16, 17, 28, 64}) {
+    const int64_t mh = 5;
+    std::vector<float> m = random_values(size_t(mh * mw), 1);
+    for (float t : {m[0], -0.5f, 0.0f, 0.5f}) {  // t < 0: lanes past the row (read as 0) must stay cold
+      std::vector<uint64_t> bits(static_cast<size_t>(mh), ~uint64_t(0));
+      hot(m.data(), mh, mw, t, bits.data());
+      for (int64_t i = 0; i < mh; ++i) {
+        uint64_t want = 0;
+        for (int64_t j = 0; j < mw; ++j) want |= uint64_t(m[size_t(i * mw + j)] > t) << j;
+        CHECK(bits[size_t(i)] == want, "mw=%lld t=%g row %lld: hot columns differ", (long long)mw, t, (long long)i);
+      }
+    }
+  }
+}
+
 void test_bilinear_weights() {
   for (int64_t in : {1, 2, 7, 13, 14, 28}) {
     for (int64_t out : {1, 7, 17, 112, 113, 224}) {
@@ -273,6 +292,7 @@ int main() {
   test_scan_append();
   test_interp_and_threshold();
   test_count_span();
+  test_hot_rows();
   test_bilinear_weights();
   test_tail_quantile();
   if (failures) {
