@@ -111,7 +111,6 @@ void interp_row_scalar(const float* row, int64_t /*mw*/, const int32_t* x0, cons
   for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
 }
 
-// Counts the pixels of one row's 16-pixel mask chunks per label set, a pixel at a time.
 // cnt[s] += pixels, appending s to the touched list when its count leaves 0
 // (touched has a spare entry: it is written whether or not s is new, so no
 // branch mispredicts on it).
@@ -123,6 +122,7 @@ __attribute__((always_inline)) inline void add_set_pixels(uint16_t s, int32_t pi
   cnt[s] = c + pixels;
 }
 
+// Counts the pixels of one row's 16-pixel mask chunks per label set, a pixel at a time.
 inline int64_t count_chunks_scalar(const uint16_t* chunks, int64_t xa, int64_t xb, const uint16_t* sets,
                                    int32_t* cnt, int32_t* touched, int64_t& nt) {
   int64_t M = 0;
@@ -145,6 +145,46 @@ int64_t count_span_composed(const float* top, const float* bot, const AxisWeight
   for (int64_t r = 0; r < rows; ++r) {
     Threshold(top, bot, wy + r, 1, T, xa, xb, chunks, 1);
     M += count_chunks_scalar(chunks, xa, xb, sets + r * sw, cnt, touched, nt);
+  }
+  *ntouched = nt;
+  return M;
+}
+
+// count_span_avx512's column skip and row walk in portable C++ (the 16-lane
+// loops are left to the compiler's vectorizer), counting a pixel at a time: the
+// path of CPUs without AVX2, ARM included.
+int64_t count_span_walk(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
+                        float skip, int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
+                        int32_t* touched, int64_t* ntouched, uint16_t* /*chunks*/) {
+  int64_t M = 0, nt = *ntouched;
+  for (int64_t px = xa; px < xb; px += 16) {
+    const int64_t n = std::min<int64_t>(16, xb - px);
+    const float *u = top + px, *v = bot + px;
+    bool top_hot = false, bot_hot = false;
+    for (int64_t i = 0; i < n; ++i) {
+      top_hot |= u[i] > skip;
+      bot_hot |= v[i] > skip;
+    }
+    // One row of a walk: false when every pixel is <= skip.
+    const auto walk_row = [&](int64_t r) {
+      uint32_t above_skip = 0, above_t = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = std::fma(wy[r].w0, u[i], wy[r].w1 * v[i]);
+        above_skip |= uint32_t(x > skip) << i;
+        above_t |= uint32_t(x > T) << i;
+      }
+      if (!above_skip) return false;
+      M += __builtin_popcount(above_t);
+      for (uint32_t w = above_t; w; w &= w - 1u) add_set_pixels(sets[r * sw + px + __builtin_ctz(w)], 1, cnt, touched, nt);
+      return true;
+    };
+    int64_t r = 0;
+    if (top_hot)
+      for (; r < rows && walk_row(r); ++r) {
+      }
+    if (r < rows && bot_hot)
+      for (int64_t q = rows - 1; q >= r && walk_row(q); --q) {
+      }
   }
   *ntouched = nt;
   return M;
@@ -768,7 +808,7 @@ struct Dispatch {
   ScanMapsFn maps = scan_maps_scalar;
   SelectTopFn select = select_top_scalar;
   HotRowsFn hot = hot_rows_scalar;
-  CountSpanFn count = count_span_composed<threshold_span_scalar>;
+  CountSpanFn count = count_span_walk;
   CountMapFn count_map = nullptr;
   const char* name = "baseline";
   Dispatch() {
