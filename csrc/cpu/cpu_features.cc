@@ -90,22 +90,6 @@ int64_t scan_append_scalar(const float* base, int64_t count, int64_t stride, int
   return scan_append_by_max(map_max_scalar, base, count, stride, n, bound, tails, tstride, held, limit, mx, bad);
 }
 
-// Chunk c (columns [px0, px1), at most 16) of every row of a span.
-void threshold_chunk_scalar(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                            int64_t px0, int64_t px1, uint16_t* chunk, int64_t cstride) {
-  for (int64_t r = 0; r < rows; ++r) {
-    uint32_t m = 0;
-    for (int64_t px = px0; px < px1; ++px) m |= uint32_t(std::fma(wy[r].w0, top[px], wy[r].w1 * bot[px]) > T) << (px - px0);
-    chunk[r * cstride] = uint16_t(m);
-  }
-}
-
-void threshold_span_scalar(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                           int64_t xa, int64_t xb, uint16_t* chunks, int64_t cstride) {
-  for (int64_t px = xa, c = 0; px < xb; px += 16, ++c)
-    threshold_chunk_scalar(top, bot, wy, rows, T, px, std::min(px + 16, xb), chunks + c, cstride);
-}
-
 void interp_row_scalar(const float* row, int64_t /*mw*/, const int32_t* x0, const int32_t* x1, const float* wx0,
                        const float* wx1, int64_t n, float* out) {
   for (int64_t px = 0; px < n; ++px) out[px] = std::fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]);
@@ -122,40 +106,12 @@ __attribute__((always_inline)) inline void add_set_pixels(uint16_t s, int32_t pi
   cnt[s] = c + pixels;
 }
 
-// Counts the pixels of one row's 16-pixel mask chunks per label set, a pixel at a time.
-inline int64_t count_chunks_scalar(const uint16_t* chunks, int64_t xa, int64_t xb, const uint16_t* sets,
-                                   int32_t* cnt, int32_t* touched, int64_t& nt) {
-  int64_t M = 0;
-  for (int64_t px = xa, c = 0; px < xb; px += 16, ++c) {
-    for (uint32_t w = chunks[c]; w; w &= w - 1u) {
-      const uint16_t s = sets[px + __builtin_ctz(w)];
-      if (cnt[s] == 0) touched[nt++] = s;
-      ++cnt[s];
-      ++M;
-    }
-  }
-  return M;
-}
-
-template <ThresholdSpanFn Threshold>
-int64_t count_span_composed(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                            float /*skip*/, int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
-                            int32_t* touched, int64_t* ntouched, uint16_t* chunks) {
-  int64_t M = 0, nt = *ntouched;
-  for (int64_t r = 0; r < rows; ++r) {
-    Threshold(top, bot, wy + r, 1, T, xa, xb, chunks, 1);
-    M += count_chunks_scalar(chunks, xa, xb, sets + r * sw, cnt, touched, nt);
-  }
-  *ntouched = nt;
-  return M;
-}
-
 // count_span_avx512's column skip and row walk in portable C++ (the 16-lane
 // loops are left to the compiler's vectorizer), counting a pixel at a time: the
 // path of CPUs without AVX2, ARM included.
 int64_t count_span_walk(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
                         float skip, int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
-                        int32_t* touched, int64_t* ntouched, uint16_t* /*chunks*/) {
+                        int32_t* touched, int64_t* ntouched) {
   int64_t M = 0, nt = *ntouched;
   for (int64_t px = xa; px < xb; px += 16) {
     const int64_t n = std::min<int64_t>(16, xb - px);
@@ -460,22 +416,6 @@ __attribute__((target("avx2,fma"))) void interp_row_avx2(const float* row, int64
   }
 }
 
-__attribute__((target("avx512f"))) void threshold_span_avx512(const float* top, const float* bot,
-                                                             const AxisWeight* wy, int64_t rows, float T,
-                                                             int64_t xa, int64_t xb, uint16_t* chunks,
-                                                             int64_t cstride) {
-  const __m512 t = _mm512_set1_ps(T);
-  for (int64_t px = xa, c = 0; px < xb; px += 16, ++c) {
-    const int64_t n = xb - px < 16 ? xb - px : 16;
-    const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
-    const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy[r].w0), u, _mm512_mul_ps(_mm512_set1_ps(wy[r].w1), v));
-      chunks[r * cstride + c] = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
-    }
-  }
-}
-
 // The set count of one row's mask pixels w (16 columns at p, w != 0). A row's
 // 16 set ids are loaded masked (nothing outside the mask is read) and counted a
 // distinct set at a time: one compare per set the chunk holds, not one step per
@@ -530,13 +470,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline int64
   return M;
 }
 
-// threshold_span_avx512 fused with the count (count_chunk_rows). Columns where
-// neither source row exceeds `skip` are skipped a chunk at a time (the vertical
-// lerp cannot lift them above T), and rows as count_chunk_rows walks them.
+// CountSpanFn with AVX-512: columns where neither source row exceeds `skip` are
+// skipped a chunk at a time (the vertical lerp cannot lift them above T), and
+// rows as count_chunk_rows walks them.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
     const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, float skip, int64_t xa,
-    int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched,
-    uint16_t* /*chunks*/) {
+    int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched) {
   const __m512 t = _mm512_set1_ps(T), sk = _mm512_set1_ps(skip);
   int64_t M = 0, nt = *ntouched;
   for (int64_t px = xa; px < xb; px += 16) {
@@ -587,26 +526,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_map_avx512(
   return M;
 }
 
-__attribute__((target("avx2,fma"))) void threshold_span_avx2(const float* top, const float* bot,
-                                                            const AxisWeight* wy, int64_t rows, float T,
-                                                            int64_t xa, int64_t xb, uint16_t* chunks,
-                                                            int64_t cstride) {
-  const __m256 t = _mm256_set1_ps(T);
-  int64_t px = xa, c = 0;
-  for (; px + 16 <= xb; px += 16, ++c) {
-    const __m256 u0 = _mm256_loadu_ps(top + px), u1 = _mm256_loadu_ps(top + px + 8);
-    const __m256 v0 = _mm256_loadu_ps(bot + px), v1 = _mm256_loadu_ps(bot + px + 8);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m256 a = _mm256_set1_ps(wy[r].w0), b = _mm256_set1_ps(wy[r].w1);
-      const __m256 lo = _mm256_fmadd_ps(a, u0, _mm256_mul_ps(b, v0));
-      const __m256 hi = _mm256_fmadd_ps(a, u1, _mm256_mul_ps(b, v1));
-      chunks[r * cstride + c] = uint16_t(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_GT_OQ)) |
-                                         (_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_GT_OQ)) << 8));
-    }
-  }
-  if (px < xb) threshold_chunk_scalar(top, bot, wy, rows, T, px, xb, chunks + c, cstride);
-}
-
 // count_span_avx512's walk for AVX2 (no mask registers): a 16-pixel chunk is two
 // 8-lane halves, and a row's mask is kept as 2 bits per pixel (the movemask of
 // 16-bit lanes), which is also the layout of the set-id compares.
@@ -650,8 +569,7 @@ __attribute__((target("avx2,fma,popcnt"), always_inline)) inline bool walk_row_a
 
 __attribute__((target("avx2,fma,popcnt"))) int64_t count_span_avx2(
     const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, float skip, int64_t xa,
-    int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched,
-    uint16_t* /*chunks*/) {
+    int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched) {
   const __m256 t = _mm256_set1_ps(T), sk = _mm256_set1_ps(skip);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t M = 0, nt = *ntouched;
@@ -803,7 +721,6 @@ __attribute__((target("avx512f,avx512dq"))) int64_t scan_append_avx512(const flo
 struct Dispatch {
   AppendGreaterFn append = append_greater_scalar;
   ScanAppendFn scan_append = scan_append_scalar;
-  ThresholdSpanFn threshold = threshold_span_scalar;
   InterpRowFn interp = interp_row_scalar;
   ScanMapsFn maps = scan_maps_scalar;
   SelectTopFn select = select_top_scalar;
@@ -821,17 +738,15 @@ struct Dispatch {
     if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
       append = append_greater_avx512;
       scan_append = scan_append_avx512;
-      threshold = threshold_span_avx512;
       interp = interp_row_avx512;
       maps = scan_maps_avx512;
       select = select_top_avx512;
       hot = hot_rows_avx512;
       const bool bw = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-      count = bw ? count_span_avx512 : count_span_composed<threshold_span_avx512>;
+      count = bw ? count_span_avx512 : count_span_walk;
       count_map = bw ? count_map_avx512 : nullptr;
       name = "avx512";
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      threshold = threshold_span_avx2;
       interp = interp_row_avx2;
       maps = scan_maps_avx2;
       scan_append = scan_append_avx2;
@@ -851,7 +766,6 @@ const Dispatch& dispatch() {
 }  // namespace
 
 AppendGreaterFn append_greater() { return dispatch().append; }
-ThresholdSpanFn threshold_span() { return dispatch().threshold; }
 InterpRowFn interp_row() { return dispatch().interp; }
 ScanMapsFn scan_maps() { return dispatch().maps; }
 ScanAppendFn scan_append() { return dispatch().scan_append; }

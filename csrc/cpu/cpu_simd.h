@@ -37,26 +37,19 @@ ScanAppendFn scan_append();
 using HotRowsFn = void (*)(const float* m, int64_t mh, int64_t mw, float t, uint64_t* rowbits);
 HotRowsFn hot_rows();
 
-// Masks of the `rows` output rows of one cell span over columns [xa, xb): bit i
-// of chunks[r * cstride + c] is (fma(wy[r].w0, top[px], wy[r].w1 * bot[px]) > T)
-// for px = xa + 16c + i -- the arithmetic of lerp_y in ndf/interp.h. One call per
-// span: top/bot are loaded once per 16 columns for all its rows.
-using ThresholdSpanFn = void (*)(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
-                                 int64_t xa, int64_t xb, uint16_t* chunks, int64_t cstride);
-ThresholdSpanFn threshold_span();
-
-// Thresholds one cell span like ThresholdSpanFn and counts its mask pixels per
+// Thresholds the `rows` output rows of one cell span over columns [xa, xb) --
+// pixel px of row r is in the mask when fma(wy[r].w0, top[px], wy[r].w1 * bot[px])
+// > T, the arithmetic of lerp_y in ndf/interp.h -- and counts the mask pixels per
 // label set: for each pixel above T, cnt[set] += 1 where set = sets[r * sw + px]
 // (sets: the pixel set ids of the span's first row). A set whose count leaves 0
 // is appended to touched[*ntouched++]; touched has room for one entry more than
 // there are sets (it is written branch-free). Returns the number of mask pixels.
 // `skip` is a bound below T with room for rounding: the caller guarantees that a
 // lerp_y whose exact value is <= skip computes <= T, so the columns and rows where
-// every such value is <= skip may be left out. `chunks` is scratch for one row's
-// masks (room for (xb - xa) / 16 + 1 values).
+// every such value is <= skip may be left out.
 using CountSpanFn = int64_t (*)(const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T,
                                 float skip, int64_t xa, int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt,
-                                int32_t* touched, int64_t* ntouched, uint16_t* chunks);
+                                int32_t* touched, int64_t* ntouched);
 CountSpanFn count_span();
 
 // The upsampling grid of a tally call, as the fused map counter reads it (views

@@ -40,7 +40,6 @@ struct Geometry {
 struct Scratch {
   std::vector<float> hrows;       // source rows upsampled along x (mh x sw)
   std::vector<int64_t> hlo, hhi;  // per source row: columns [lo, hi) of hrows are valid
-  std::vector<uint16_t> chunks;   // one row's 16-pixel mask chunks (count_span's scratch)
   std::vector<uint64_t> rowbits;
   // Per local label set: mask pixels, and the sets with cnt > 0; per local label
   // (slot) the same. The touched lists have one spare entry: they are written
@@ -56,7 +55,7 @@ struct Scratch {
   std::vector<int64_t> pending_add;
   size_t pending = 0;
   Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots, int64_t max_image_labels)
-      : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)), chunks(size_t(g.sw / 16 + 2)),
+      : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
         rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0), touched(size_t(max_sets) + 1),
         slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots) + 1),
         pending_at(size_t(max_slots + max_image_labels)), pending_add(size_t(max_slots + max_image_labels)) {}
@@ -119,7 +118,7 @@ int64_t count_map_spans(const float* m, float T, float Tm, const Geometry& g, co
     }
     M += count(sc.hrows.data() + int64_t(ys.i0) * sw, sc.hrows.data() + int64_t(ys.i1) * sw,
                g.yw.data() + ys.start, ys.end - ys.start, T, Tm, xa, xb, ps + int64_t(ys.start) * sw, sw,
-               sc.cnt.data(), sc.touched.data(), ntouched, sc.chunks.data());
+               sc.cnt.data(), sc.touched.data(), ntouched);
   }
   return M;
 }

@@ -121,11 +121,12 @@ void test_scan_append() {
   }
 }
 
-// interp_row and threshold_span: the formulas of ndf/interp.h, evaluated here one
-// pixel at a time.
-void test_interp_and_threshold() {
+// interp_row, and the masks count_span thresholds from its output: the formulas
+// of ndf/interp.h, evaluated here one pixel at a time (every pixel its own label
+// set, so the per-set counts are the mask).
+void test_interp_and_span_masks() {
   const ndf::InterpRowFn interp = ndf::interp_row();
-  const ndf::ThresholdSpanFn threshold = ndf::threshold_span();
+  const ndf::CountSpanFn count = ndf::count_span();
   for (int64_t mw : {1, 3, 7, 13, 16, 17, 28}) {
     for (int64_t sw : {7, 17, 112, 113}) {
       std::vector<ndf::AxisWeight> xw(static_cast<size_t>(sw));
@@ -147,21 +148,26 @@ void test_interp_and_threshold() {
         CHECK(top[size_t(x)] == ndf::lerp_x(w, row0[size_t(w.i0)], row0[size_t(w.i1)]), "mw=%lld sw=%lld x=%lld",
               (long long)mw, (long long)sw, (long long)x);
       }
-      const int64_t rows = 5, chunks = (sw + 15) / 16;
+      const int64_t rows = 5;
       std::vector<ndf::AxisWeight> wy(static_cast<size_t>(rows));
       for (int64_t r = 0; r < rows; ++r) wy[size_t(r)] = ndf::AxisWeight{0, 1, 1.0f - 0.2f * float(r), 0.2f * float(r)};
+      std::vector<uint16_t> pixel_ids(static_cast<size_t>(rows * sw));
+      for (size_t i = 0; i < pixel_ids.size(); ++i) pixel_ids[i] = uint16_t(i);
       for (float T : {-1.0f, 0.0f, top[0], 1.5f}) {
         for (int64_t xa : {int64_t(0), sw / 3}) {
-          std::vector<uint16_t> out(static_cast<size_t>(rows * chunks), 0xdead);
-          threshold(top.data(), bot.data(), wy.data(), rows, T, xa, sw, out.data(), chunks);
+          std::vector<int32_t> cnt(pixel_ids.size(), 0), touched(pixel_ids.size() + 1);
+          int64_t nt = 0, want_m = 0;
+          const int64_t m = count(top.data(), bot.data(), wy.data(), rows, T, T - 1e-3f, xa, sw, pixel_ids.data(), sw,
+                                  cnt.data(), touched.data(), &nt);
           for (int64_t r = 0; r < rows; ++r)
-            for (int64_t x = xa; x < sw; ++x) {
-              const int64_t c = (x - xa) / 16, bit = (x - xa) % 16;
-              const bool want = ndf::lerp_y(wy[size_t(r)], top[size_t(x)], bot[size_t(x)]) > T;
-              const bool got = (out[size_t(r * chunks + c)] >> bit) & 1u;
-              CHECK(got == want, "mw=%lld sw=%lld T=%g row %lld x %lld", (long long)mw, (long long)sw, T,
-                    (long long)r, (long long)x);
+            for (int64_t x = 0; x < sw; ++x) {
+              const bool want = x >= xa && ndf::lerp_y(wy[size_t(r)], top[size_t(x)], bot[size_t(x)]) > T;
+              want_m += want;
+              CHECK(cnt[size_t(r * sw + x)] == int32_t(want), "mw=%lld sw=%lld T=%g row %lld x %lld", (long long)mw,
+                    (long long)sw, T, (long long)r, (long long)x);
             }
+          CHECK(m == want_m, "mw=%lld sw=%lld T=%g: %lld mask pixels, want %lld", (long long)mw, (long long)sw, T,
+                (long long)m, (long long)want_m);
         }
       }
     }
@@ -169,15 +175,14 @@ void test_interp_and_threshold() {
 }
 
 // bilinear_axis_weight: torch's half-pixel source index, written out in double.
-// count_span: the same masks as threshold_span, counted per label set. Set ids
+// count_span: the masks of lerp_y, counted per label set. Set ids
 // are drawn from a few values (runs and mixes inside one 16-pixel chunk); the
 // pixel-set array ends right after the span's last row, so a read past the mask
 // is caught by AddressSanitizer.
 void test_count_span() {
   const ndf::CountSpanFn count = ndf::count_span();
-  const ndf::ThresholdSpanFn threshold = ndf::threshold_span();
   for (int64_t sw : {7, 16, 17, 112, 113}) {
-    const int64_t rows = 6, chunks = (sw + 15) / 16;
+    const int64_t rows = 6;
     std::vector<float> top = random_values(size_t(sw), 0), bot = random_values(size_t(sw), 0);
     std::vector<ndf::AxisWeight> wy(static_cast<size_t>(rows));
     for (int64_t r = 0; r < rows; ++r) wy[size_t(r)] = ndf::AxisWeight{0, 1, 1.0f - 0.17f * float(r), 0.17f * float(r)};
@@ -188,14 +193,12 @@ void test_count_span() {
       for (float T : {-10.0f, 0.0f, 1.0f, 10.0f}) {
         for (int64_t xa : {int64_t(0), sw / 3}) {
           std::vector<int32_t> cnt(size_t(nsets), 0), touched(size_t(nsets) + 1, -1), want(size_t(nsets), 0);
-          std::vector<uint16_t> scratch(size_t(chunks + 1)), masks(size_t(rows * chunks));
           int64_t nt = 0, want_m = 0;
           const int64_t m = count(top.data(), bot.data(), wy.data(), rows, T, T - 1e-3f, xa, sw, sets.data(), sw, cnt.data(),
-                                  touched.data(), &nt, scratch.data());
-          threshold(top.data(), bot.data(), wy.data(), rows, T, xa, sw, masks.data(), chunks);
+                                  touched.data(), &nt);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t x = xa; x < sw; ++x)
-              if ((masks[size_t(r * chunks + (x - xa) / 16)] >> ((x - xa) % 16)) & 1u) {
+              if (ndf::lerp_y(wy[size_t(r)], top[size_t(x)], bot[size_t(x)]) > T) {
                 ++want[sets[size_t(r * sw + x)]];
                 ++want_m;
               }
@@ -290,7 +293,7 @@ int main() {
   std::printf("SIMD variant: %s\n", ndf::cpu_isa_name());
   test_select_top();
   test_scan_append();
-  test_interp_and_threshold();
+  test_interp_and_span_masks();
   test_count_span();
   test_hot_rows();
   test_bilinear_weights();
