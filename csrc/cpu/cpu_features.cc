@@ -106,6 +106,28 @@ __attribute__((always_inline)) inline void add_set_pixels(uint16_t s, int32_t pi
   cnt[s] = c + pixels;
 }
 
+// The row walk of every counter, over the `rows` rows of a cell span in one
+// chunk: down from the top edge while row(r) holds (when the top source row has
+// a pixel above skip), then up from the bottom edge (when that one has) as far as
+// the first walk stopped. row(r) thresholds and counts row r, and returns false
+// once every pixel of it is <= skip.
+//
+// Why stopping there is exact: per pixel, lerp_y is linear in the row weight,
+// so a pixel falling away from the edge stays <= skip past that row (exactly;
+// <= T once computed, by CountSpanFn's contract on skip), and one rising away
+// from it is the other walk's. The rows visited are the mask's rows plus about
+// one per walk, and the loop leaves once per walk instead of branching where the
+// mask starts and ends.
+template <class Row>
+__attribute__((always_inline)) inline void walk_rows(int64_t rows, bool top_hot, bool bot_hot, const Row& row) {
+  int64_t r = 0;
+  if (top_hot)
+    while (r < rows && row(r)) ++r;
+  if (bot_hot)
+    for (int64_t q = rows - 1; q >= r && row(q); --q) {
+    }
+}
+
 // count_span_avx512's column skip and row walk in portable C++ (the 16-lane
 // loops are left to the compiler's vectorizer), counting a pixel at a time: the
 // path of CPUs without AVX2, ARM included.
@@ -134,13 +156,7 @@ int64_t count_span_walk(const float* top, const float* bot, const AxisWeight* wy
       for (uint32_t w = above_t; w; w &= w - 1u) add_set_pixels(sets[r * sw + px + __builtin_ctz(w)], 1, cnt, touched, nt);
       return true;
     };
-    int64_t r = 0;
-    if (top_hot)
-      for (; r < rows && walk_row(r); ++r) {
-      }
-    if (r < rows && bot_hot)
-      for (int64_t q = rows - 1; q >= r && walk_row(q); --q) {
-      }
+    walk_rows(rows, top_hot, bot_hot, walk_row);
   }
   *ntouched = nt;
   return M;
@@ -431,7 +447,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
   } while (w);
 }
 
-// One row of a walk (count_chunk_rows): its mask pixels counted per set; false
+// One row of a walk (walk_rows): its mask pixels counted per set; false
 // when every lane is <= skip, where the walk stops.
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline bool walk_row(
     __m512 u, __m512 v, __mmask16 live, const AxisWeight& wy, __m512 t, __m512 sk, const uint16_t* p, int64_t& M,
@@ -446,33 +462,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline bool 
   return true;
 }
 
-// One 16-column chunk of a cell span: the rows' masks (lerp_y of the chunk's two
-// x-upsampled source rows u, v against t) and their pixels counted per set.
-// Returns the mask pixels.
-//
-// Rows are walked inwards from each edge whose source row has a lane above
-// `skip`, and a walk stops at the first row with every lane <= skip. Per lane
-// lerp_y is linear in the row weight, so a lane falling away from the edge stays
-// <= skip (exactly; <= T once computed, by the caller's contract on skip) past
-// that row, and a lane rising away from it is the other walk's. The rows visited
-// are the mask's rows plus about one per walk, and the loop leaves once per walk
-// instead of branching where the mask starts and ends.
+// One 16-column chunk of a cell span: the masks of the rows walk_rows visits
+// (lerp_y of the chunk's two x-upsampled source rows u, v against t) and their
+// pixels counted per set. Returns the mask pixels.
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline int64_t count_chunk_rows(
     __m512 u, __m512 v, __mmask16 live, const AxisWeight* wy, int64_t rows, __m512 t, __m512 sk,
     const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t& nt) {
-  int64_t M = 0, r = 0;
-  if (_mm512_mask_cmp_ps_mask(live, u, sk, _CMP_GT_OQ))  // down from the top edge
-    for (; r < rows && walk_row(u, v, live, wy[r], t, sk, sets + r * sw, M, cnt, touched, nt); ++r) {
-    }
-  if (r < rows && _mm512_mask_cmp_ps_mask(live, v, sk, _CMP_GT_OQ))  // up from the bottom edge
-    for (int64_t q = rows - 1; q >= r && walk_row(u, v, live, wy[q], t, sk, sets + q * sw, M, cnt, touched, nt); --q) {
-    }
+  int64_t M = 0;
+  walk_rows(rows, _mm512_mask_cmp_ps_mask(live, u, sk, _CMP_GT_OQ), _mm512_mask_cmp_ps_mask(live, v, sk, _CMP_GT_OQ),
+            [&](int64_t r) __attribute__((target("avx512f,avx512bw,avx512vl"))) {
+              return walk_row(u, v, live, wy[r], t, sk, sets + r * sw, M, cnt, touched, nt);
+            });
   return M;
 }
 
 // CountSpanFn with AVX-512: columns where neither source row exceeds `skip` are
 // skipped a chunk at a time (the vertical lerp cannot lift them above T), and
-// rows as count_chunk_rows walks them.
+// rows as walk_rows visits them.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
     const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, float skip, int64_t xa,
     int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched) {
@@ -539,7 +545,7 @@ __attribute__((target("avx2,fma,popcnt"), always_inline)) inline uint32_t mask16
   return uint32_t(_mm256_movemask_epi8(_mm256_permute4x64_epi64(both, 0xD8)));  // back to pixel order
 }
 
-// One row of a walk (count_chunk_rows): false when every lane is <= skip.
+// One row of a walk (walk_rows): false when every lane is <= skip.
 __attribute__((target("avx2,fma,popcnt"), always_inline)) inline bool walk_row_avx2(
     const Chunk16& c, const AxisWeight& wy, __m256 t, __m256 sk, const uint16_t* p, int64_t n, int64_t& M,
     int32_t* cnt, int32_t* touched, int64_t& nt) {
@@ -582,14 +588,9 @@ __attribute__((target("avx2,fma,popcnt"))) int64_t count_span_avx2(
               n == 16 ? 0xffffffffu : (1u << (2 * n)) - 1u};
     const bool top_hot = mask16_of(_mm256_cmp_ps(c.u0, sk, _CMP_GT_OQ), _mm256_cmp_ps(c.u1, sk, _CMP_GT_OQ)) & c.live;
     const bool bot_hot = mask16_of(_mm256_cmp_ps(c.v0, sk, _CMP_GT_OQ), _mm256_cmp_ps(c.v1, sk, _CMP_GT_OQ)) & c.live;
-    int64_t r = 0;
-    if (top_hot)
-      for (; r < rows && walk_row_avx2(c, wy[r], t, sk, sets + r * sw + px, n, M, cnt, touched, nt); ++r) {
-      }
-    if (r < rows && bot_hot)
-      for (int64_t q = rows - 1; q >= r && walk_row_avx2(c, wy[q], t, sk, sets + q * sw + px, n, M, cnt, touched, nt);
-           --q) {
-      }
+    walk_rows(rows, top_hot, bot_hot, [&](int64_t r) __attribute__((target("avx2,fma,popcnt"))) {
+      return walk_row_avx2(c, wy[r], t, sk, sets + r * sw + px, n, M, cnt, touched, nt);
+    });
   }
   *ntouched = nt;
   return M;
