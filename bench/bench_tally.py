@@ -38,8 +38,12 @@ class BenchDataset:
         self.seg_shape = seg
         self.num_labels = L_LABELS
         self.categories = CATS
-        self.primary_category = rng.integers(0, 6, L_LABELS).astype(np.int16)
-        self.primary_category[0] = -1
+        # Broden's category sizes: 11 colours, 32 materials, 47 textures; the rest
+        # split between objects, parts and scenes as in broden1_227.
+        sizes = {"color": 11, "object": 500, "part": 150, "material": 32, "scene": 457, "texture": 47}
+        cat_of = np.repeat(np.arange(6), [sizes[c] for c in CATS])
+        assert len(cat_of) == L_LABELS - 1
+        self.primary_category = np.concatenate([[-1], rng.permutation(cat_of)]).astype(np.int16)
         self.label_names = [f"l{i}" for i in range(L_LABELS)]
         by_cat = [np.nonzero(self.primary_category == c)[0] for c in range(6)]
         sh, sw = seg
