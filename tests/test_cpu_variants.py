@@ -43,7 +43,7 @@ def run_variant(isa, tmp_path):
 def test_simd_variants_agree(tmp_path):
     base = run_variant("baseline", tmp_path)
     assert "SIMD baseline" in str(base["isa"])
-    for isa in ("avx2", "avx512"):
+    for isa in ("avx2", "avx512-sets", "avx512"):
         other = run_variant(isa, tmp_path)
         for name in ("thr", "maxima", "I", "A", "G", "I2", "A2"):
             np.testing.assert_array_equal(other[name], base[name], err_msg=f"{isa} vs baseline: {name}")

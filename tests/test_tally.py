@@ -197,6 +197,56 @@ def test_masks_covering_every_label_set_of_their_image(map_shape):
             assert_counts(run(ds, acts, thr, rule, bs=bs), acts, ds, thr, rule)
 
 
+def labels_per_image_dataset(rng, counts, seg_shape, num_labels=400):
+    """One image per entry of `counts`: plane 0 holds that many distinct labels
+    (every one on some pixel), plane 1 repeats plane 0 on a small patch (a label
+    on two planes is two of the slot counter's slots: a few more per image), plane
+    2 is sparse noise from the same labels."""
+    sh, sw = seg_shape
+    primary = rng.integers(-1, 3, num_labels).astype(np.int16)
+    primary[0] = -1
+    images = []
+    for n in counts:
+        pool = rng.choice(np.arange(1, num_labels), n, replace=False)
+        p0 = pool[rng.integers(0, n, (-(-sh // 4), -(-sw // 4)))].repeat(4, 0).repeat(4, 1)[:sh, :sw]
+        p0.flat[rng.choice(sh * sw, n, replace=False)] = pool  # every label somewhere
+        p1 = np.zeros_like(p0)
+        p1[sh // 4: sh // 4 + 4, :16] = p0[sh // 4: sh // 4 + 4, :16]
+        p2 = np.where(rng.random((sh, sw)) < 0.003, pool[rng.integers(0, n, (sh, sw))], 0)
+        images.append((np.stack([p0, p1, p2]), [int(rng.integers(1, num_labels))]))
+    return StubDataset(images, primary, ["c0", "c1", "c2"], seg_shape)
+
+
+@pytest.mark.parametrize("map_shape,seg_shape", [((7, 7), (112, 112)), ((13, 13), (113, 113)),
+                                                 ((14, 14), (112, 120)), ((3, 5), (72, 113))])
+@pytest.mark.parametrize("rule", ["paper", "netdissect-lite"])
+def test_counts_for_every_number_of_labels_per_image(map_shape, seg_shape, rule):
+    """From 1 to 120 labels per image: the AVX-512 counter per label slot (up to 32
+    and 64 slots per image) and per label set (past that) on neighbouring images
+    of one batch, with masks over partial 16-pixel words at the row ends."""
+    rng = np.random.default_rng(zlib.crc32(repr((map_shape, seg_shape, rule)).encode()))
+    counts = [1, 5, 20, 28, 32, 33, 45, 60, 64, 65, 80, 120]
+    ds = labels_per_image_dataset(rng, counts, seg_shape)
+    acts = smooth_activations(rng, len(counts), 6, *map_shape)
+    thr = thresholds_for(acts, q=0.9)
+    assert_counts(run(ds, acts, thr, rule, bs=5), acts, ds, thr, rule)
+
+
+@pytest.mark.parametrize("seg_shape", [(255, 257), (256, 256)])
+def test_whole_image_masks_at_the_16_bit_count_limit(seg_shape):
+    """Masks covering whole images of 65,535 and 65,536 pixels: the slot counter's
+    16-bit per-map counts hold the first, the second takes the set counter."""
+    rng = np.random.default_rng(22)
+    sh, sw = seg_shape
+    planes = np.stack([np.full((sh, sw), 3), np.where(np.arange(sw) < sw // 2, 4, 5)[None].repeat(sh, 0)])
+    ds = StubDataset([(planes, [2]), (planes[:1], [])], [-1, 0, 0, 1, 1, 0], ["c0", "c1"], seg_shape)
+    acts = np.abs(smooth_activations(rng, 2, 2, 5, 5)) + 1.0
+    thr = np.zeros(2)
+    t = run(ds, acts, thr, "paper", bs=2)
+    assert_counts(t, acts, ds, thr, "paper")
+    assert t.intersection[0, 3] == 2 * sh * sw
+
+
 def test_images_without_pixel_labels_and_image_level_only():
     rng = np.random.default_rng(16)
     ds = random_dataset(rng, n_images=6, max_planes=0)

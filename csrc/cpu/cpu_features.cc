@@ -447,34 +447,34 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
   } while (w);
 }
 
-// One row of a walk (walk_rows): its mask pixels counted per set; false
-// when every lane is <= skip, where the walk stops.
-__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline bool walk_row(
-    __m512 u, __m512 v, __mmask16 live, const AxisWeight& wy, __m512 t, __m512 sk, const uint16_t* p, int64_t& M,
-    int32_t* cnt, int32_t* touched, int64_t& nt) {
-  const __m512 val = _mm512_fmadd_ps(_mm512_set1_ps(wy.w0), u, _mm512_mul_ps(_mm512_set1_ps(wy.w1), v));
-  if (!_mm512_mask_cmp_ps_mask(live, val, sk, _CMP_GT_OQ)) return false;
-  const __mmask16 w = _mm512_mask_cmp_ps_mask(live, val, t, _CMP_GT_OQ);
-  if (w) {
-    M += __builtin_popcount(unsigned(w));
-    count_row_sets(w, p, cnt, touched, nt);
+// The row counters of the AVX-512 walk: counter(row, px, w) counts the mask
+// pixels w of output row `row`, columns px..px+15 (w may be 0). This one counts
+// per label set; `sets` points at the set ids of (row 0, column 0) of what row
+// and px index. (The other, per pixel slot, is in count_map_slots_avx512.)
+struct SetRowCounter {
+  const uint16_t* sets;
+  int64_t sw;
+  int32_t *cnt, *touched;
+  int64_t nt;
+  __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void operator()(int64_t row, int64_t px,
+                                                                                            __mmask16 w) {
+    if (w) count_row_sets(w, sets + row * sw + px, cnt, touched, nt);
   }
-  return true;
-}
+};
 
-// One 16-column chunk of a cell span: the masks of the rows walk_rows visits
-// (lerp_y of the chunk's two x-upsampled source rows u, v against t) and their
-// pixels counted per set. Returns the mask pixels.
-__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline int64_t count_chunk_rows(
-    __m512 u, __m512 v, __mmask16 live, const AxisWeight* wy, int64_t rows, __m512 t, __m512 sk,
-    const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t& nt) {
-  int64_t M = 0;
-  walk_rows(rows, _mm512_mask_cmp_ps_mask(live, u, sk, _CMP_GT_OQ), _mm512_mask_cmp_ps_mask(live, v, sk, _CMP_GT_OQ),
-            [&](int64_t r) __attribute__((target("avx512f,avx512bw,avx512vl"))) {
-              return walk_row(u, v, live, wy[r], t, sk, sets + r * sw, M, cnt, touched, nt);
-            });
-  return M;
-}
+// The map walk for the set counter (AVX-512 BW) and for the slot counter (and BITALG).
+namespace walk_bw {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#include "map_walk_avx512.inc"
+#pragma GCC pop_options
+}  // namespace walk_bw
+namespace walk_bitalg {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bitalg")
+#include "map_walk_avx512.inc"
+#pragma GCC pop_options
+}  // namespace walk_bitalg
 
 // CountSpanFn with AVX-512: columns where neither source row exceeds `skip` are
 // skipped a chunk at a time (the vertical lerp cannot lift them above T), and
@@ -483,53 +483,96 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_span_avx512(
     const float* top, const float* bot, const AxisWeight* wy, int64_t rows, float T, float skip, int64_t xa,
     int64_t xb, const uint16_t* sets, int64_t sw, int32_t* cnt, int32_t* touched, int64_t* ntouched) {
   const __m512 t = _mm512_set1_ps(T), sk = _mm512_set1_ps(skip);
-  int64_t M = 0, nt = *ntouched;
+  SetRowCounter counter{sets, sw, cnt, touched, *ntouched};
+  int64_t M = 0;
   for (int64_t px = xa; px < xb; px += 16) {
     const int64_t n = xb - px < 16 ? xb - px : 16;
     const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
     const __m512 u = _mm512_maskz_loadu_ps(live, top + px), v = _mm512_maskz_loadu_ps(live, bot + px);
     if (!_mm512_mask_cmp_ps_mask(live, _mm512_max_ps(u, v), sk, _CMP_GT_OQ)) continue;
-    M += count_chunk_rows(u, v, live, wy, rows, t, sk, sets + px, sw, cnt, touched, nt);
+    M += walk_bw::count_chunk_rows(u, v, live, wy, rows, 0, px, t, sk, counter);
   }
-  *ntouched = nt;
+  *ntouched = counter.nt;
   return M;
 }
 
-// count_span_avx512 for a whole map whose rows fit registers: the source rows
-// are upsampled along x by permutes as each 16-column chunk needs them.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_map_avx512(
     const float* m, float T, float skip, const CellGeometry& g, const uint16_t* sets, int32_t* cnt,
     int32_t* touched, int64_t* ntouched) {
-  const __mmask16 cols = __mmask16((1u << g.mw) - 1u);
-  const __m512 t = _mm512_set1_ps(T), sk = _mm512_set1_ps(skip);
-  __m512 row[kFusedMaxRows];
-  uint32_t hot[kFusedMaxRows];
-  for (int64_t i = 0; i < g.mh; ++i) {
-    row[i] = _mm512_maskz_loadu_ps(cols, m + i * g.mw);
-    hot[i] = _mm512_mask_cmp_ps_mask(cols, row[i], sk, _CMP_GT_OQ);
-  }
-  int64_t M = 0, nt = *ntouched;
-  for (int64_t y = 0; y < g.n_yspans; ++y) {
-    const Span& ys = g.yspans[y];
-    const uint32_t h = hot[ys.i0] | hot[ys.i1];
-    if (!h) continue;
-    const int64_t xa = g.xspans[g.first_span[__builtin_ctz(h)]].start;
-    const int64_t xb = g.xspans[g.last_span[31 - __builtin_clz(h)]].end;
-    const __m512 r0 = row[ys.i0], r1 = row[ys.i1];
-    const AxisWeight* wy = g.yw + ys.start;
-    const int64_t rows = ys.end - ys.start;
-    const uint16_t* span_sets = sets + int64_t(ys.start) * g.sw;
-    for (int64_t px = xa; px < xb; px += 16) {
-      const int64_t n = xb - px < 16 ? xb - px : 16;
-      const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
-      const XWeights16 xw = x_weights16(live, g.x0 + px, g.x1 + px, g.wx0 + px, g.wx1 + px);
-      const __m512 u = lerp_x16(xw, r0), v = lerp_x16(xw, r1);
-      if (!_mm512_mask_cmp_ps_mask(live, _mm512_max_ps(u, v), sk, _CMP_GT_OQ)) continue;
-      M += count_chunk_rows(u, v, live, wy, rows, t, sk, span_sets + px, g.sw, cnt, touched, nt);
-    }
-  }
-  *ntouched = nt;
+  SetRowCounter counter{sets, g.sw, cnt, touched, *ntouched};
+  const int64_t M = walk_bw::count_map_chunks<1>(m, T, skip, g, counter);
+  *ntouched = counter.nt;
   return M;
+}
+
+// The map counter per pixel slot (SlotWindowsFn's windows; chunks start at
+// multiples of 8): per row, one AND and one 16-bit popcount per 32 slots,
+// whatever the labels under the mask -- no per-set or per-label step and no
+// branch.
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) int64_t count_map_slots_avx512(
+    const float* m, float T, float skip, const CellGeometry& g, const uint16_t* windows, uint16_t* counts,
+    uint64_t* nonzero) {
+  const int64_t row_stride = slot_window_count(g.sw) * 32 * G;  // uint16 per output row
+  __m512i acc[G];
+  for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_si512();
+  auto counter = [&](int64_t row, int64_t px, __mmask16 w)
+                     __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) {
+                       const __m512i bits = _mm512_set1_epi16(short(w));
+                       const uint16_t* at = windows + row * row_stride + (px >> 3) * (32 * G);
+                       for (int i = 0; i < G; ++i)
+                         acc[i] = _mm512_add_epi16(
+                             acc[i], _mm512_popcnt_epi16(_mm512_and_si512(_mm512_loadu_si512(at + 32 * i), bits)));
+                     };
+  const int64_t M = walk_bitalg::count_map_chunks<8>(m, T, skip, g, counter);
+  uint64_t nz = 0;
+  for (int i = 0; i < G; ++i) {
+    _mm512_storeu_si512(counts + 32 * i, acc[i]);
+    nz |= uint64_t(_mm512_test_epi16_mask(acc[i], acc[i])) << (32 * i);
+  }
+  *nonzero = nz;
+  return M;
+}
+
+// SlotWindowsFn: per row, the slot bits of each aligned 16-column word are
+// gathered per distinct set (one compare per set the word holds, one masked OR
+// per 32 slots), then the windows at odd multiples of 8 are spliced from two words.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void slot_windows_avx512(const uint16_t* sets, int64_t sh,
+                                                                               int64_t sw, const uint64_t* set_slots,
+                                                                               int G, uint16_t* windows) {
+  const int64_t nwords = (sw + 15) / 16, nwin = slot_window_count(sw);
+  std::vector<uint16_t> word(size_t((nwords + 1) * G * 32));  // per aligned word, per group: 32 lanes
+  const auto at = [&](int64_t w, int g) { return word.data() + (w * G + g) * 32; };
+  for (int64_t r = 0; r < sh; ++r) {
+    const uint16_t* ids_row = sets + r * sw;
+    std::fill(word.begin(), word.end(), uint16_t(0));
+    for (int64_t w = 0; w < nwords; ++w) {
+      const int64_t n = sw - 16 * w < 16 ? sw - 16 * w : 16;
+      __mmask16 rem = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
+      const __m256i ids = _mm256_maskz_loadu_epi16(rem, ids_row + 16 * w);
+      __m512i acc[kMaxSlotGroups];
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_si512();
+      do {
+        const uint16_t s = ids_row[16 * w + __builtin_ctz(unsigned(rem))];
+        const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(rem, ids, _mm256_set1_epi16(short(s)));
+        rem = __mmask16(rem & ~eq);
+        const __m512i bits = _mm512_set1_epi16(short(eq));
+        const uint64_t slots = set_slots[s];
+        for (int g = 0; g < G; ++g)
+          acc[g] = _mm512_or_si512(acc[g], _mm512_maskz_mov_epi16(__mmask32(slots >> (32 * g)), bits));
+      } while (rem);
+      for (int g = 0; g < G; ++g) _mm512_storeu_si512(at(w, g), acc[g]);
+    }
+    uint16_t* out = windows + r * nwin * 32 * G;
+    for (int64_t c = 0; c < nwin; ++c)
+      for (int g = 0; g < G; ++g) {
+        const __m512i lo = _mm512_loadu_si512(at(c >> 1, g));
+        const __m512i v =
+            (c & 1) ? _mm512_or_si512(_mm512_srli_epi16(lo, 8), _mm512_slli_epi16(_mm512_loadu_si512(at((c >> 1) + 1, g)), 8))
+                    : lo;
+        _mm512_storeu_si512(out + (c * G + g) * 32, v);
+      }
+  }
 }
 
 // count_span_avx512's walk for AVX2 (no mask registers): a 16-pixel chunk is two
@@ -728,12 +771,14 @@ struct Dispatch {
   HotRowsFn hot = hot_rows_scalar;
   CountSpanFn count = count_span_walk;
   CountMapFn count_map = nullptr;
+  CountMapSlotsFn count_map_slots[kMaxSlotGroups] = {};
+  SlotWindowsFn slot_windows = nullptr;
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
     // NDF_CPU_ISA=avx2|baseline caps the choice (tests run every variant this way).
     const char* cap = std::getenv("NDF_CPU_ISA");
-    const bool allow512 = !cap || std::strcmp(cap, "avx512") == 0;
+    const bool allow512 = !cap || std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx512-sets") == 0;
     const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
     __builtin_cpu_init();
     if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
@@ -746,6 +791,12 @@ struct Dispatch {
       const bool bw = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
       count = bw ? count_span_avx512 : count_span_walk;
       count_map = bw ? count_map_avx512 : nullptr;
+      // NDF_CPU_ISA=avx512-sets keeps the set counter (so tests reach it here too).
+      if (bw && __builtin_cpu_supports("avx512bitalg") && !(cap && std::strcmp(cap, "avx512-sets") == 0)) {
+        count_map_slots[0] = count_map_slots_avx512<1>;
+        count_map_slots[1] = count_map_slots_avx512<2>;
+        slot_windows = slot_windows_avx512;
+      }
       name = "avx512";
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       interp = interp_row_avx2;
@@ -774,6 +825,10 @@ SelectTopFn select_top() { return dispatch().select; }
 HotRowsFn hot_rows() { return dispatch().hot; }
 CountSpanFn count_span() { return dispatch().count; }
 CountMapFn count_map_fused() { return dispatch().count_map; }
+CountMapSlotsFn count_map_slots(int groups) {
+  return groups >= 1 && groups <= kMaxSlotGroups ? dispatch().count_map_slots[groups - 1] : nullptr;
+}
+SlotWindowsFn slot_windows() { return dispatch().slot_windows; }
 const char* cpu_isa_name() { return dispatch().name; }
 
 }  // namespace ndf

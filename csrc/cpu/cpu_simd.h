@@ -74,6 +74,27 @@ using CountMapFn = int64_t (*)(const float* m, float T, float skip, const CellGe
                                int32_t* cnt, int32_t* touched, int64_t* ntouched);
 CountMapFn count_map_fused();
 
+// The map counter per "pixel slot": each image numbers the (label, plane) pairs
+// its pixels hold, at most 32 * kMaxSlotGroups, and a pixel's slots are bits.
+// Windows (SlotWindowsFn) hold, per output row r and window c (columns
+// 8c..8c+15), per group of 32 slots: lane j of windows[((r * nwin + c) * G + g) * 32 + j]
+// has bit i set when pixel (r, 8c + i) holds slot 32g + j (nwin =
+// slot_window_count(sw); bits past the row's end are 0).
+constexpr int kMaxSlotGroups = 2;
+inline int64_t slot_window_count(int64_t sw) { return (sw + 7) / 8; }
+// sets: an image's set ids (sh x sw); set_slots[s]: the slot bits of its set s.
+using SlotWindowsFn = void (*)(const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots, int G,
+                               uint16_t* windows);
+SlotWindowsFn slot_windows();  // null where count_map_slots is
+
+// count_map_fused's thresholding, counted per slot instead of per set: counts[s]
+// = mask pixels holding slot s (uint16: the caller keeps sh * sw < 65536),
+// *nonzero = the slots with counts > 0. Returns the mask size. Null unless the
+// CPU has AVX-512 BW/VL and BITALG, and for groups outside 1..kMaxSlotGroups.
+using CountMapSlotsFn = int64_t (*)(const float* m, float T, float skip, const CellGeometry& g,
+                                    const uint16_t* windows, uint16_t* counts, uint64_t* nonzero);
+CountMapSlotsFn count_map_slots(int groups);
+
 // out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one
 // source row (mw values) upsampled along x (lerp_x of ndf/interp.h).
 using InterpRowFn = void (*)(const float* row, int64_t mw, const int32_t* x0, const int32_t* x1, const float* wx0,

@@ -35,7 +35,81 @@ struct Geometry {
   std::vector<int32_t> first_span, last_span;
   CellGeometry cells;         // views of the above for the fused counter
   CountMapFn fused = nullptr;  // set when the map fits it (count_map_fused)
+  CountMapSlotsFn fused_slots[kMaxSlotGroups] = {};  // set when the map and the CPU fit them
 };
+
+constexpr int kMaxSlots = 32 * kMaxSlotGroups;
+
+// The batch's labels as the slot counter reads them (count_map_slots): each
+// image's (label, occurrence within a set) pairs numbered as slots, so a label
+// that two planes give the same pixel counts twice, as per set. An image with
+// more than kMaxSlots of them takes the set counter.
+struct SlotLabels {
+  std::vector<uint64_t> set_slots;  // per global set: its slots' bits
+  std::vector<int32_t> label;       // per image, kMaxSlots entries: each slot's label
+  std::vector<uint32_t> cats;       // and its category bit
+  std::vector<int32_t> groups;      // per image: groups of 32 slots; 0 = the set counter
+  std::vector<uint16_t> windows;    // per image, window_size apart (SlotWindowsFn)
+  int64_t window_size = 0;
+};
+
+// Numbers each image's slots and builds its windows (labels already validated).
+void prepare_slots(const LabelBatchView& lb, const LabelSpace& space, int threads, SlotLabels& out) {
+  const int64_t B = lb.batch, S = lb.set_start[B];
+  out.set_slots.assign(size_t(S), 0);
+  out.label.resize(size_t(B * kMaxSlots));
+  out.cats.resize(size_t(B * kMaxSlots));
+  out.groups.assign(size_t(B), 0);
+  out.window_size = lb.seg_h * slot_window_count(lb.seg_w) * kMaxSlots;
+  out.windows.resize(size_t(B * out.window_size));
+  const SlotWindowsFn build = slot_windows();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> first_slot(size_t(space.num_labels), -1);  // label -> its slot of occurrence 0
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
+      int32_t* label = out.label.data() + b * kMaxSlots;
+      int32_t occurrence[kMaxSlots];
+      int32_t n = 0;
+      bool fits = true;
+      for (int64_t s = lb.set_start[b]; s < lb.set_start[b + 1] && fits; ++s) {
+        const int64_t e0 = lb.set_label_start[s], e1 = lb.set_label_start[s + 1];
+        for (int64_t e = e0; e < e1; ++e) {
+          const int32_t l = lb.set_labels[e];
+          int32_t k = 0;  // earlier entries of this set with the same label
+          for (int64_t f = e0; f < e; ++f) k += lb.set_labels[f] == l;
+          int32_t j = first_slot[size_t(l)];
+          if (k > 0 && j >= 0) {  // a repeat within the set: its own slot (rare; found by search)
+            const int32_t first = j;
+            j = -1;
+            for (int32_t q = first + 1; q < n; ++q)
+              if (label[q] == l && occurrence[q] == k) j = q;
+          }
+          if (j < 0) {
+            if (n == kMaxSlots) {
+              fits = false;
+              break;
+            }
+            j = n++;
+            label[j] = l;
+            occurrence[j] = k;
+            if (k == 0) first_slot[size_t(l)] = j;
+          }
+          out.set_slots[size_t(s)] |= uint64_t(1) << j;
+        }
+      }
+      for (int32_t j = 0; j < n; ++j) {
+        if (occurrence[j] == 0) first_slot[size_t(label[j])] = -1;
+        out.cats[size_t(b * kMaxSlots + j)] = category_bit(space.primary_category, label[j]);
+      }
+      if (!fits) continue;
+      const int G = n > 32 ? 2 : 1;
+      out.groups[size_t(b)] = G;
+      build(lb.pixel_sets + b * lb.seg_h * lb.seg_w, lb.seg_h, lb.seg_w, out.set_slots.data() + lb.set_start[b], G,
+            out.windows.data() + b * out.window_size);
+    }
+  }
+}
 
 struct Scratch {
   std::vector<float> hrows;       // source rows upsampled along x (mh x sw)
@@ -47,6 +121,7 @@ struct Scratch {
   std::vector<int32_t> cnt, touched;
   std::vector<int64_t> slot_cnt;
   std::vector<int32_t> slot_touched;
+  uint16_t slot_counts[kMaxSlots];
   // The adds of the last counted map into I, applied one map later: their cache
   // lines are prefetched when they are known and arrive while the next map is
   // counted (a unit's row of I is mostly out of cache: a batch touches each line
@@ -123,25 +198,16 @@ int64_t count_map_spans(const float* m, float T, float Tm, const Geometry& g, co
   return M;
 }
 
-// Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
-// exceed T somewhere.
-void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const LabelBatchView& lb,
-               const LabelSpace& space, const BatchLabels& info, const Geometry& g, Rule rule, TallyCounts out,
-               Scratch& sc) {
-  const int64_t L = space.num_labels, C = space.num_categories;
-  int64_t* Ik = out.intersection + k * L;
-  int64_t* Ak = out.cat_activation + k * C;
+// The set counter's mask: its pixels per label set, then per label of the
+// image (slot_label), deferred into I (one add per distinct label); returns the
+// mask size and ORs the categories of the labels under it into *overlap.
+int64_t count_map_sets(int64_t b, const float* m, float T, float Tm, const LabelBatchView& lb,
+                       const BatchLabels& info, const Geometry& g, int64_t* Ik, Scratch& sc, uint32_t* overlap) {
   const uint16_t* ps = lb.pixel_sets + b * g.sh * g.sw;
   int64_t ntouched = 0;
-  // The counters' `skip`: an interpolated value whose exact value is <= Tm
-  // computes <= T (rounding moves it by a few units of 2^-24 * amax; see
-  // interp_upper_bound), so cells, columns and rows that stay <= Tm are left out.
-  const float Tm = T - amax * 2e-6f;
   const int64_t M = g.fused ? g.fused(m, T, Tm, g.cells, ps, sc.cnt.data(), sc.touched.data(), &ntouched)
                             : count_map_spans(m, T, Tm, g, ps, sc, &ntouched);
-  if (M == 0) return;
-  // Sets -> the image's labels (slots) -> I: one add per distinct label.
-  uint32_t overlap = 0;
+  if (M == 0) return 0;
   const int64_t s0 = lb.set_start[b];
   const int32_t* slot_label = info.slot_label.data() + lb.set_label_start[s0];
   int64_t nslots = 0;
@@ -150,7 +216,7 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
     const int64_t c = sc.cnt[size_t(s)];
     sc.cnt[size_t(s)] = 0;
     const int64_t gs = s0 + s;
-    overlap |= info.set_categories[size_t(gs)];
+    *overlap |= info.set_categories[size_t(gs)];
     for (int64_t e = lb.set_label_start[gs]; e < lb.set_label_start[gs + 1]; ++e) {
       const int32_t j = info.entry_slot[size_t(e)];
       const int64_t v = sc.slot_cnt[size_t(j)];
@@ -164,6 +230,41 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
     const int32_t j = sc.slot_touched[size_t(i)];
     sc.defer(Ik + slot_label[j], sc.slot_cnt[size_t(j)]);
     sc.slot_cnt[size_t(j)] = 0;
+  }
+  return M;
+}
+
+// Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
+// exceed T somewhere.
+void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const LabelBatchView& lb,
+               const LabelSpace& space, const BatchLabels& info, const SlotLabels& slots, const Geometry& g,
+               Rule rule, TallyCounts out, Scratch& sc) {
+  const int64_t L = space.num_labels, C = space.num_categories;
+  int64_t* Ik = out.intersection + k * L;
+  int64_t* Ak = out.cat_activation + k * C;
+  // The counters' `skip`: an interpolated value whose exact value is <= Tm
+  // computes <= T (rounding moves it by a few units of 2^-24 * amax; see
+  // interp_upper_bound), so cells, columns and rows that stay <= Tm are left out.
+  const float Tm = T - amax * 2e-6f;
+  uint32_t overlap = 0;
+  int64_t M;
+  const int G = slots.groups.empty() ? 0 : slots.groups[size_t(b)];
+  if (G > 0) {  // per slot: the counts come per label already
+    uint64_t nonzero = 0;
+    M = g.fused_slots[G - 1](m, T, Tm, g.cells, slots.windows.data() + b * slots.window_size, sc.slot_counts,
+                             &nonzero);
+    if (M == 0) return;
+    sc.flush();
+    const int32_t* label = slots.label.data() + b * kMaxSlots;
+    const uint32_t* cats = slots.cats.data() + b * kMaxSlots;
+    for (; nonzero; nonzero &= nonzero - 1) {
+      const int j = __builtin_ctzll(nonzero);
+      sc.defer(Ik + label[j], sc.slot_counts[j]);
+      overlap |= cats[j];
+    }
+  } else {
+    M = count_map_sets(b, m, T, Tm, lb, info, g, Ik, sc, &overlap);
+    if (M == 0) return;
   }
   for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) sc.defer(Ik + lb.image_labels[j], M);
   uint32_t cats = counted_categories(rule, info.image_categories[size_t(b)], overlap,
@@ -207,13 +308,21 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   g.cells = CellGeometry{g.mh, g.mw, g.sw, g.yspans.data(), int64_t(g.yspans.size()), g.yw.data(),
                          g.xspans.data(), g.first_span.data(), g.last_span.data(), g.x0.data(), g.x1.data(),
                          g.wx0.data(), g.wx1.data()};
-  if (g.mw <= 16 && g.mh <= kFusedMaxRows) g.fused = count_map_fused();
+  if (g.mw <= 16 && g.mh <= kFusedMaxRows) {
+    g.fused = count_map_fused();
+    if (g.sh * g.sw < 65536)  // the slot counts are uint16
+      for (int G = 1; G <= kMaxSlotGroups; ++G) g.fused_slots[G - 1] = count_map_slots(G);
+  }
   // Reused across calls: fresh multi-megabyte buffers every batch cost page faults.
   // (A reference, so OpenMP threads see the caller's buffers, not their own.)
   static thread_local BatchLabels cache;
   BatchLabels& info = cache;
   TallyStatus st = prepare_labels(lb, space, threads, info);
   if (st.code != TallyStatus::Ok) return st;
+  static thread_local SlotLabels slot_cache;
+  SlotLabels& slots = slot_cache;
+  slots.groups.clear();  // empty: every image takes the set counter
+  if (g.fused_slots[0]) prepare_slots(lb, space, threads, slots);
 
   const int64_t K = a.units;
   const char* raw = static_cast<const char*>(a.data);
@@ -222,38 +331,41 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   for (int64_t b = 0; b < lb.batch; ++b)
     max_image_labels = std::max(max_image_labels, lb.image_label_start[b + 1] - lb.image_label_start[b]);
   std::vector<TallyStatus> bad(size_t(std::max(threads, 1)));
+  // Images go in tiles, and each tile is counted for every unit before the
+  // next: the tile's labels (set ids, slot windows: ~100 KB per image) stay in
+  // cache across all units, where a unit-major order streamed the batch's
+  // labels from memory once per unit block. Units go in blocks, each thread
+  // taking every nthreads-th block of every tile; a block's rows of I and A
+  // have one writer at a time (a barrier between tiles).
+  constexpr int64_t kTile = 4;
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(128, K / (int64_t(std::max(threads, 1)) * 4)));
 #pragma omp parallel num_threads(threads)
   {
-    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1), max_image_labels);
+    // (The slot counter defers up to kMaxSlots adds: a label repeated within a set has two slots.)
+    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, kMaxSlots), max_image_labels);
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
     const ScanMapsFn scan = scan_maps();
-    // Units go in blocks handed out dynamically (firing, and so cost, varies by
-    // unit); a block's rows of I and A have one writer.
-    const int64_t block = std::max<int64_t>(16, K / (int64_t(omp_get_num_threads()) * 8));
-    // Images go in tiles: within a tile each unit's maps are counted back to back
-    // (its rows of I stay in cache) and the tile's labels stay in cache across units.
-    constexpr int64_t kTile = 8;
     std::vector<float> conv(D == DType::F32 ? 0 : static_cast<size_t>(kTile * block * a.map_size));
     std::vector<float> mx(static_cast<size_t>(kTile * block)), amax(static_cast<size_t>(kTile * block));
     std::vector<uint32_t> fires(static_cast<size_t>(block));
     const float* base[kTile];
     int64_t stride[kTile];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t k0 = 0; k0 < K; k0 += block) {
-      if (my_bad.code != TallyStatus::Ok) continue;  // this thread already failed: skip its blocks
-      const int64_t k1 = std::min(K, k0 + block), R = k1 - k0;
-      for (int64_t b0 = 0; b0 < a.batch && my_bad.code == TallyStatus::Ok; b0 += kTile) {
-        const int64_t nb = std::min(kTile, a.batch - b0);
+    const int64_t nthreads = omp_get_num_threads();
+    for (int64_t b0 = 0; b0 < a.batch; b0 += kTile) {
+      const int64_t nb = std::min(kTile, a.batch - b0);
+#pragma omp for schedule(static, 1)
+      for (int64_t k0 = 0; k0 < K; k0 += block) {
+        if (my_bad.code != TallyStatus::Ok) continue;  // this thread already failed: skip its blocks
+        const int64_t k1 = std::min(K, k0 + block), R = k1 - k0;
         for (int64_t t = 0; t < nb; ++t) {
           base[t] = unit_range_as_float<D>(a, b0 + t, k0, k1, conv.data() + t * R * a.map_size, &stride[t]);
-          const int64_t first =
-              scan(base[t], R, stride[t], a.map_size, mx.data() + t * R, amax.data() + t * R);
+          const int64_t first = scan(base[t], R, stride[t], a.map_size, mx.data() + t * R, amax.data() + t * R);
           if (first >= 0) {
             my_bad = TallyStatus{TallyStatus::NonFinite, b0 + t, k0 + first, 0};
             break;
           }
         }
-        if (my_bad.code != TallyStatus::Ok) break;
+        if (my_bad.code != TallyStatus::Ok) continue;
         // Bit t of fires[i]: some pixel of image t's map of unit i may exceed T (a
         // bit loop below instead of a branch per map that mispredicts at random).
         std::fill(fires.begin(), fires.begin() + R, 0u);
@@ -262,26 +374,28 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
             fires[size_t(i)] |= uint32_t(interp_upper_bound(mx[size_t(t * R + i)], amax[size_t(t * R + i)]) >
                                          thresholds[k0 + i])
                                 << t;
-        const int64_t next = std::min(kTile, a.batch - b0 - nb);  // images of the next tile
+        // This thread's next block of the tile goes to cache while this one is
+        // counted, so its scan does not wait on memory.
+        const int64_t next0 = k0 + nthreads * block, next1 = std::min(K, next0 + block);
         for (int64_t i = 0; i < R; ++i) {
-          // This unit's maps in the next tile go to cache while this tile is
-          // counted, so the next scan does not wait on memory.
-          for (int64_t t = 0; t < next; ++t) {
-            const uintptr_t from = uintptr_t(raw + ((b0 + nb + t) * a.stride_batch + (k0 + i) * a.stride_unit) * elem);
-            for (uintptr_t line = from & ~uintptr_t(63); line < from + map_bytes; line += 64)
-              __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
-          }
+          const int64_t kn = next0 + i;
+          if (kn < next1)
+            for (int64_t t = 0; t < nb; ++t) {
+              const uintptr_t from = uintptr_t(raw + ((b0 + t) * a.stride_batch + kn * a.stride_unit) * elem);
+              for (uintptr_t line = from & ~uintptr_t(63); line < from + map_bytes; line += 64)
+                __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
+            }
           const float T = thresholds[k0 + i];
           for (uint32_t f = fires[size_t(i)]; f; f &= f - 1u) {
             const int64_t t = __builtin_ctz(f);
             const size_t j = size_t(t * R + i);
-            count_map(b0 + t, k0 + i, base[t] + i * stride[t], T, amax[j], lb, space, info, g, cfg.rule, out,
-                      sc);
+            count_map(b0 + t, k0 + i, base[t] + i * stride[t], T, amax[j], lb, space, info, slots, g, cfg.rule,
+                      out, sc);
           }
         }
+        sc.flush();  // before the barrier: the next tile may give this block to the other thread
       }
     }
-    sc.flush();
   }
   for (const TallyStatus& b : bad)
     if (b.code != TallyStatus::Ok &&

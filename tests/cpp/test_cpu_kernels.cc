@@ -287,6 +287,40 @@ void test_tail_quantile() {
   }
 }
 
+// slot_windows: window c of row r, lane j of group g, bit i = pixel (r, 8c + i)
+// holds slot 32g + j, i.e. its set's slot mask has that bit (0 past the row's
+// end), for row widths around the 8- and 16-pixel grid. Null where the CPU
+// lacks AVX-512 BITALG (then the tally never takes the slot counter).
+void test_slot_windows() {
+  const ndf::SlotWindowsFn build = ndf::slot_windows();
+  if (!build) return;
+  std::uniform_int_distribution<int> pick_set(0, 5);
+  for (int G = 1; G <= ndf::kMaxSlotGroups; ++G)
+    for (int64_t sw : {1, 7, 8, 15, 16, 17, 57, 113}) {
+      const int64_t sh = 3, nwin = ndf::slot_window_count(sw);
+      std::vector<uint64_t> set_slots(6);
+      for (uint64_t& m : set_slots) m = (uint64_t(rng()) << 32 | rng()) & (G == 1 ? 0xffffffffull : ~0ull);
+      set_slots[0] = 0;  // a set with no labels
+      std::vector<uint16_t> sets(size_t(sh * sw));
+      for (uint16_t& s : sets) s = uint16_t(pick_set(rng));
+      std::vector<uint16_t> windows(size_t(sh * nwin * 32 * G), 0xdead);
+      build(sets.data(), sh, sw, set_slots.data(), G, windows.data());
+      for (int64_t r = 0; r < sh; ++r)
+        for (int64_t c = 0; c < nwin; ++c)
+          for (int g = 0; g < G; ++g)
+            for (int j = 0; j < 32; ++j) {
+              uint16_t want = 0;
+              for (int i = 0; i < 16; ++i) {
+                const int64_t x = 8 * c + i;
+                if (x < sw && (set_slots[sets[size_t(r * sw + x)]] >> (32 * g + j) & 1)) want |= uint16_t(1u << i);
+              }
+              const uint16_t got = windows[size_t(((r * nwin + c) * G + g) * 32 + j)];
+              CHECK(got == want, "G=%d sw=%lld row %lld window %lld slot %d: %04x, want %04x", G, (long long)sw,
+                    (long long)r, (long long)c, 32 * g + j, got, want);
+            }
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -296,6 +330,7 @@ int main() {
   test_interp_and_span_masks();
   test_count_span();
   test_hot_rows();
+  test_slot_windows();
   test_bilinear_weights();
   test_tail_quantile();
   if (failures) {
