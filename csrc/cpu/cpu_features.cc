@@ -534,44 +534,65 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) int64_t count_
   return M;
 }
 
-// SlotWindowsFn: per row, the slot bits of each aligned 16-column word are
-// gathered per distinct set (one compare per set the word holds, one masked OR
-// per 32 slots), then the windows at odd multiples of 8 are spliced from two words.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void slot_windows_avx512(const uint16_t* sets, int64_t sh,
-                                                                               int64_t sw, const uint64_t* set_slots,
-                                                                               int G, uint16_t* windows) {
+// The slot bits of 16 pixels (lanes `live`; set ids `ids`), transposed: lane j
+// of the result has bit i set when pixel i holds slot 32g + j. Each pixel's 32
+// slot bits are gathered from its set's mask, then the 16x32 bit matrix is
+// transposed as 8x8 blocks: a byte permute puts each block's 8 bytes (8
+// pixels, 8 slots) in one qword, GF2P8AFFINEQB against the identity's rows
+// transposes it, and a second permute interleaves the two 8-pixel halves.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"), always_inline)) inline __m512i slot_bits16(
+    __mmask16 live, __m512i ids, const uint64_t* set_slots, int g) {
+  // Block (slot byte B, pixel half h) goes to qword 2B + h; its byte m holds
+  // pixel 8h + 7 - m (GF2P8AFFINEQB reads a matrix's rows in reverse order).
+  alignas(64) static const uint8_t kGather[64] = {
+#define NDF_Q(B, h) \
+  uint8_t(4 * (8 * h + 7) + B), uint8_t(4 * (8 * h + 6) + B), uint8_t(4 * (8 * h + 5) + B), uint8_t(4 * (8 * h + 4) + B), \
+  uint8_t(4 * (8 * h + 3) + B), uint8_t(4 * (8 * h + 2) + B), uint8_t(4 * (8 * h + 1) + B), uint8_t(4 * (8 * h + 0) + B)
+      NDF_Q(0, 0), NDF_Q(0, 1), NDF_Q(1, 0), NDF_Q(1, 1), NDF_Q(2, 0), NDF_Q(2, 1), NDF_Q(3, 0), NDF_Q(3, 1)
+#undef NDF_Q
+  };
+  // Output byte 2s + h (slot s = 8B + i, pixel half h) comes from byte 8(2B + h) + i.
+  alignas(64) static const uint8_t kInterleave[64] = {
+#define NDF_S(B, i) uint8_t(8 * (2 * B) + i), uint8_t(8 * (2 * B + 1) + i)
+#define NDF_B(B) NDF_S(B, 0), NDF_S(B, 1), NDF_S(B, 2), NDF_S(B, 3), NDF_S(B, 4), NDF_S(B, 5), NDF_S(B, 6), NDF_S(B, 7)
+      NDF_B(0), NDF_B(1), NDF_B(2), NDF_B(3)
+#undef NDF_B
+#undef NDF_S
+  };
+  // Dword i: the 32 slot bits (group g) of pixel i's set; 0 outside `live`.
+  const __m512i bits = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, ids,
+                                                   reinterpret_cast<const int*>(set_slots) + g, 8);
+  const __m512i blocks = _mm512_permutexvar_epi8(_mm512_load_si512(kGather), bits);
+  // Byte i of the data = 1 << i: the result's byte i is the block's column i.
+  const __m512i t = _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64(int64_t(0x8040201008040201ull)), blocks, 0);
+  return _mm512_permutexvar_epi8(_mm512_load_si512(kInterleave), t);
+}
+
+// SlotWindowsFn: per row, each aligned 16-column word's slot bits (slot_bits16),
+// and the windows at odd multiples of 8 spliced from two neighbouring words.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"))) void slot_windows_avx512(
+    const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots, int G, uint16_t* windows) {
   const int64_t nwords = (sw + 15) / 16, nwin = slot_window_count(sw);
-  std::vector<uint16_t> word(size_t((nwords + 1) * G * 32));  // per aligned word, per group: 32 lanes
-  const auto at = [&](int64_t w, int g) { return word.data() + (w * G + g) * 32; };
   for (int64_t r = 0; r < sh; ++r) {
     const uint16_t* ids_row = sets + r * sw;
-    std::fill(word.begin(), word.end(), uint16_t(0));
-    for (int64_t w = 0; w < nwords; ++w) {
-      const int64_t n = sw - 16 * w < 16 ? sw - 16 * w : 16;
-      __mmask16 rem = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
-      const __m256i ids = _mm256_maskz_loadu_epi16(rem, ids_row + 16 * w);
-      __m512i acc[kMaxSlotGroups];
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_si512();
-      do {
-        const uint16_t s = ids_row[16 * w + __builtin_ctz(unsigned(rem))];
-        const __mmask16 eq = _mm256_mask_cmpeq_epi16_mask(rem, ids, _mm256_set1_epi16(short(s)));
-        rem = __mmask16(rem & ~eq);
-        const __m512i bits = _mm512_set1_epi16(short(eq));
-        const uint64_t slots = set_slots[s];
-        for (int g = 0; g < G; ++g)
-          acc[g] = _mm512_or_si512(acc[g], _mm512_maskz_mov_epi16(__mmask32(slots >> (32 * g)), bits));
-      } while (rem);
-      for (int g = 0; g < G; ++g) _mm512_storeu_si512(at(w, g), acc[g]);
-    }
     uint16_t* out = windows + r * nwin * 32 * G;
-    for (int64_t c = 0; c < nwin; ++c)
-      for (int g = 0; g < G; ++g) {
-        const __m512i lo = _mm512_loadu_si512(at(c >> 1, g));
-        const __m512i v =
-            (c & 1) ? _mm512_or_si512(_mm512_srli_epi16(lo, 8), _mm512_slli_epi16(_mm512_loadu_si512(at((c >> 1) + 1, g)), 8))
-                    : lo;
-        _mm512_storeu_si512(out + (c * G + g) * 32, v);
+    for (int g = 0; g < G; ++g) {
+      __m512i word = _mm512_setzero_si512();
+      for (int64_t w = 0; w <= nwords; ++w) {  // word w's window, and the one between words w - 1 and w
+        __m512i next = _mm512_setzero_si512();
+        if (w < nwords) {
+          const int64_t n = sw - 16 * w < 16 ? sw - 16 * w : 16;
+          const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
+          const __m512i ids = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, ids_row + 16 * w));
+          next = slot_bits16(live, ids, set_slots, g);
+        }
+        if (w > 0 && 2 * w - 1 < nwin)
+          _mm512_storeu_si512(out + ((2 * w - 1) * G + g) * 32,
+                              _mm512_or_si512(_mm512_srli_epi16(word, 8), _mm512_slli_epi16(next, 8)));
+        if (2 * w < nwin) _mm512_storeu_si512(out + (2 * w * G + g) * 32, next);
+        word = next;
       }
+    }
   }
 }
 
@@ -792,7 +813,8 @@ struct Dispatch {
       count = bw ? count_span_avx512 : count_span_walk;
       count_map = bw ? count_map_avx512 : nullptr;
       // NDF_CPU_ISA=avx512-sets keeps the set counter (so tests reach it here too).
-      if (bw && __builtin_cpu_supports("avx512bitalg") && !(cap && std::strcmp(cap, "avx512-sets") == 0)) {
+      if (bw && __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vbmi") &&
+          __builtin_cpu_supports("gfni") && !(cap && std::strcmp(cap, "avx512-sets") == 0)) {
         count_map_slots[0] = count_map_slots_avx512<1>;
         count_map_slots[1] = count_map_slots_avx512<2>;
         slot_windows = slot_windows_avx512;

@@ -90,7 +90,8 @@ SlotWindowsFn slot_windows();  // null where count_map_slots is
 // count_map_fused's thresholding, counted per slot instead of per set: counts[s]
 // = mask pixels holding slot s (uint16: the caller keeps sh * sw < 65536),
 // *nonzero = the slots with counts > 0. Returns the mask size. Null unless the
-// CPU has AVX-512 BW/VL and BITALG, and for groups outside 1..kMaxSlotGroups.
+// CPU has AVX-512 BW/VL, BITALG, VBMI and GFNI (Ice Lake and later), and for
+// groups outside 1..kMaxSlotGroups.
 using CountMapSlotsFn = int64_t (*)(const float* m, float T, float skip, const CellGeometry& g,
                                     const uint16_t* windows, uint16_t* counts, uint64_t* nonzero);
 CountMapSlotsFn count_map_slots(int groups);
