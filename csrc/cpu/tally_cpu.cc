@@ -334,9 +334,9 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   // Images go in tiles, and each tile is counted for every unit before the
   // next: the tile's labels (set ids, slot windows: ~100 KB per image) stay in
   // cache across all units, where a unit-major order streamed the batch's
-  // labels from memory once per unit block. Units go in blocks, each thread
-  // taking every nthreads-th block of every tile; a block's rows of I and A
-  // have one writer at a time (a barrier between tiles).
+  // labels from memory once per unit block. Units go in blocks, thread t
+  // owning blocks t, t + nthreads, ... in every tile: each row of I and A has
+  // one writer, and the threads never wait for each other until the batch ends.
   constexpr int64_t kTile = 4;
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(128, K / (int64_t(std::max(threads, 1)) * 4)));
 #pragma omp parallel num_threads(threads)
@@ -350,12 +350,10 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
     std::vector<uint32_t> fires(static_cast<size_t>(block));
     const float* base[kTile];
     int64_t stride[kTile];
-    const int64_t nthreads = omp_get_num_threads();
-    for (int64_t b0 = 0; b0 < a.batch; b0 += kTile) {
+    const int64_t nthreads = omp_get_num_threads(), first_block = omp_get_thread_num() * block;
+    for (int64_t b0 = 0; b0 < a.batch && my_bad.code == TallyStatus::Ok; b0 += kTile) {
       const int64_t nb = std::min(kTile, a.batch - b0);
-#pragma omp for schedule(static, 1)
-      for (int64_t k0 = 0; k0 < K; k0 += block) {
-        if (my_bad.code != TallyStatus::Ok) continue;  // this thread already failed: skip its blocks
+      for (int64_t k0 = first_block; k0 < K && my_bad.code == TallyStatus::Ok; k0 += nthreads * block) {
         const int64_t k1 = std::min(K, k0 + block), R = k1 - k0;
         for (int64_t t = 0; t < nb; ++t) {
           base[t] = unit_range_as_float<D>(a, b0 + t, k0, k1, conv.data() + t * R * a.map_size, &stride[t]);
@@ -365,7 +363,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
             break;
           }
         }
-        if (my_bad.code != TallyStatus::Ok) continue;
+        if (my_bad.code != TallyStatus::Ok) break;
         // Bit t of fires[i]: some pixel of image t's map of unit i may exceed T (a
         // bit loop below instead of a branch per map that mispredicts at random).
         std::fill(fires.begin(), fires.begin() + R, 0u);
@@ -393,9 +391,9 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
                       out, sc);
           }
         }
-        sc.flush();  // before the barrier: the next tile may give this block to the other thread
       }
     }
+    sc.flush();
   }
   for (const TallyStatus& b : bad)
     if (b.code != TallyStatus::Ok &&
