@@ -8,6 +8,7 @@ exact, whatever the backend, thread count, batch size, batch order or sharding.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Iterable
 
 import numpy as np
@@ -36,6 +37,24 @@ def _receptive_field(receptive_field, map_shape, seg_shape):
     if sy <= 0 or sx <= 0:
         raise ValueError(f"receptive_field stride must be positive, got {stride!r}")
     return (float(sy), float(sx), float(oy), float(ox))
+
+
+def _zeros_counts(shape) -> np.ndarray:
+    """An int64 zero array for I on 2 MiB pages where the OS offers them (Linux
+    transparent huge pages): the kernel's first adds to a fresh 20 MB I otherwise
+    take thousands of page faults, which both threads wait on together."""
+    nbytes = int(np.prod(shape)) * 8
+    if nbytes < (8 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.zeros(shape, np.int64)
+    huge = 2 << 20
+    buf = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled
+    raw = np.frombuffer(buf, np.uint8)
+    start = (-raw.ctypes.data) % huge  # huge pages need 2 MiB-aligned ranges
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % huge)
+    except OSError:
+        pass  # huge pages off: plain pages, same contents
+    return raw[start:start + nbytes].view(np.int64).reshape(shape)
 
 
 class Tally:
@@ -78,7 +97,7 @@ class Tally:
         pc = self.primary_category
         if pc.size and (pc.min() < -1 or pc.max() >= len(self.categories)):
             raise ValueError(f"dataset.primary_category must lie in -1..{len(self.categories) - 1}")
-        self._I = np.zeros((self.units, self.num_labels), np.int64)
+        self._I = _zeros_counts((self.units, self.num_labels))
         self._A = np.zeros((self.units, len(self.categories)), np.int64)
         self.label_pixels = np.zeros(self.num_labels, np.int64)
         self._kern = _backend.kernels(self.device)
