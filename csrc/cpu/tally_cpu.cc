@@ -1,14 +1,22 @@
-// CPU backend of the fused tally. Units are split among OpenMP threads in
-// blocks (each unit's rows of I and A have one writer); the counts are integer
-// sums, so they are the same for every thread count, batch size and batch order.
+// CPU backend of the fused tally. Images go in tiles of 4, each counted for
+// every unit before the next (the tile's labels stay in cache); units go in
+// blocks, thread t owning every nthreads-th block, so each row of I and A has
+// one writer. The counts are integer sums: the same for every thread count,
+// batch size and batch order.
 //
 // Per (image, unit): the map's maximum decides whether any pixel can exceed the
 // threshold; if so, only cells whose corners can exceed it are upsampled (with
 // AVX-512, a cell's rows are walked in from each hot edge until none can exceed
-// it), and the mask's pixels are counted per label set (a 16-pixel chunk costs
-// one vector compare per distinct set in it), then per label of the image, then
-// added into I. Maps up to 32x16 take one AVX-512 call with their rows in
-// registers (count_map_fused); others go a cell span at a time (count_map_spans).
+// it), and the mask's pixels are counted
+//  - per label slot (AVX-512 with BITALG/VBMI/GFNI, images with at most 64
+//    (label, plane) pairs): each mask row is ANDed with the image's slot
+//    windows and popcounted, 32 slots per instruction, so the map's counts come
+//    out per label (count_map_slots);
+//  - or per label set (a 16-pixel chunk costs one vector compare per distinct
+//    set in it), then per label of the image (count_map_sets);
+// and added into I. Maps up to 32x16 take one call with their rows in registers
+// (count_map_fused / count_map_slots); others go a cell span at a time
+// (count_map_spans).
 #include <omp.h>
 
 #include <algorithm>
