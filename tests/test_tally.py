@@ -12,6 +12,15 @@ from reference import reference_tally, upsample_bilinear, upsample_receptive_fie
 from synthetic import StubDataset, random_dataset, smooth_activations
 
 
+@pytest.fixture(autouse=True, params=["any K", "slots from K=0"])
+def slot_counter_bar(request, monkeypatch):
+    """Every test twice: with the CPU's own choice (the AVX-512 slot counter only
+    from 1,024 units, so the set counter at these sizes) and with the slot
+    counter wherever the CPU has it."""
+    if request.param == "slots from K=0":
+        monkeypatch.setenv("NDF_SLOT_MIN_UNITS", "0")
+
+
 def run(ds, acts, thresholds, rule="paper", bs=4, device="cpu", threads=None, order=None, **kw):
     t = Tally(ds, thresholds, rule=rule, device=device, threads=threads, **kw)
     idx = np.arange(len(ds)) if order is None else np.asarray(order)
