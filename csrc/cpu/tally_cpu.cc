@@ -58,19 +58,22 @@ struct SlotLabels {
   std::vector<int32_t> label;       // per image, kMaxSlots entries: each slot's label
   std::vector<uint32_t> cats;       // and its category bit
   std::vector<int32_t> groups;      // per image: groups of 32 slots; 0 = the set counter
-  std::vector<uint16_t> windows;    // per image, window_size apart (SlotWindowsFn)
-  int64_t window_size = 0;
+  std::vector<int64_t> window_start;  // per image: where its windows start (B + 1 entries)
+  std::vector<uint16_t> windows;      // SlotWindowsFn's layout, groups[b] groups per window
 };
 
-// Numbers each image's slots and builds its windows (labels already validated).
+// Numbers each image's slots, then builds its windows (labels already
+// validated). Windows take 32 bytes per pixel per group of 32 slots, so they
+// are sized per image: a batch of 64 112x112 images with at most 32 (label,
+// plane) pairs each holds 6.4 MB.
 void prepare_slots(const LabelBatchView& lb, const LabelSpace& space, int threads, SlotLabels& out) {
   const int64_t B = lb.batch, S = lb.set_start[B];
   out.set_slots.assign(size_t(S), 0);
   out.label.resize(size_t(B * kMaxSlots));
   out.cats.resize(size_t(B * kMaxSlots));
   out.groups.assign(size_t(B), 0);
-  out.window_size = lb.seg_h * slot_window_count(lb.seg_w) * kMaxSlots;
-  out.windows.resize(size_t(B * out.window_size));
+  out.window_start.assign(size_t(B + 1), 0);
+  const int64_t group_size = lb.seg_h * slot_window_count(lb.seg_w) * 32;  // uint16 per image per group
   const SlotWindowsFn build = slot_windows();
 #pragma omp parallel num_threads(threads)
   {
@@ -111,12 +114,19 @@ void prepare_slots(const LabelBatchView& lb, const LabelSpace& space, int thread
         if (occurrence[j] == 0) first_slot[size_t(label[j])] = -1;
         out.cats[size_t(b * kMaxSlots + j)] = category_bit(space.primary_category, label[j]);
       }
-      if (!fits) continue;
-      const int G = n > 32 ? 2 : 1;
-      out.groups[size_t(b)] = G;
-      build(lb.pixel_sets + b * lb.seg_h * lb.seg_w, lb.seg_h, lb.seg_w, out.set_slots.data() + lb.set_start[b], G,
-            out.windows.data() + b * out.window_size);
+      if (fits) out.groups[size_t(b)] = n > 32 ? 2 : 1;
     }
+#pragma omp single
+    {
+      for (int64_t b = 0; b < B; ++b)
+        out.window_start[size_t(b + 1)] = out.window_start[size_t(b)] + out.groups[size_t(b)] * group_size;
+      out.windows.resize(size_t(out.window_start[size_t(B)]));
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b)
+      if (out.groups[size_t(b)] > 0)
+        build(lb.pixel_sets + b * lb.seg_h * lb.seg_w, lb.seg_h, lb.seg_w, out.set_slots.data() + lb.set_start[b],
+              out.groups[size_t(b)], out.windows.data() + out.window_start[size_t(b)]);
   }
 }
 
@@ -260,8 +270,8 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
   const int G = slots.groups.empty() ? 0 : slots.groups[size_t(b)];
   if (G > 0) {  // per slot: the counts come per label already
     uint64_t nonzero = 0;
-    M = g.fused_slots[G - 1](m, T, Tm, g.cells, slots.windows.data() + b * slots.window_size, sc.slot_counts,
-                             &nonzero);
+    M = g.fused_slots[G - 1](m, T, Tm, g.cells, slots.windows.data() + slots.window_start[size_t(b)],
+                             sc.slot_counts, &nonzero);
     if (M == 0) return;
     sc.flush();
     const int32_t* label = slots.label.data() + b * kMaxSlots;
