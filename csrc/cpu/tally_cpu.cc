@@ -49,84 +49,40 @@ struct Geometry {
 
 constexpr int kMaxSlots = 32 * kMaxSlotGroups;
 
-// The batch's labels as the slot counter reads them (count_map_slots): each
-// image's (label, occurrence within a set) pairs numbered as slots, so a label
-// that two planes give the same pixel counts twice, as per set. An image with
-// more than kMaxSlots of them takes the set counter.
+// The batch's labels as the slot counter reads them (count_map_slots): the
+// slots of prepare_labels as bits. An image with more than kMaxSlots slots
+// takes the set counter.
 struct SlotLabels {
-  std::vector<uint64_t> set_slots;  // per global set: its slots' bits
-  std::vector<int32_t> label;       // per image, kMaxSlots entries: each slot's label
-  std::vector<uint32_t> cats;       // and its category bit
-  std::vector<int32_t> groups;      // per image: groups of 32 slots; 0 = the set counter
+  std::vector<uint64_t> set_slots;    // per global set: its slots' bits
+  std::vector<int32_t> groups;        // per image: groups of 32 slots; 0 = the set counter
   std::vector<int64_t> window_start;  // per image: where its windows start (B + 1 entries)
   std::vector<uint16_t> windows;      // SlotWindowsFn's layout, groups[b] groups per window
 };
 
-// Numbers each image's slots, then builds its windows (labels already
-// validated). Windows take 32 bytes per pixel per group of 32 slots, so they
-// are sized per image: a batch of 64 112x112 images with at most 32 (label,
-// plane) pairs each holds 6.4 MB.
-void prepare_slots(const LabelBatchView& lb, const LabelSpace& space, int threads, SlotLabels& out) {
+// Each set's slot bits and each image's windows (after prepare_labels).
+// Windows take 32 bytes per pixel per group of 32 slots, so they are sized per
+// image: a batch of 64 112x112 images with at most 32 slots each holds 6.4 MB.
+void prepare_slots(const LabelBatchView& lb, const BatchLabels& info, int threads, SlotLabels& out) {
   const int64_t B = lb.batch, S = lb.set_start[B];
   out.set_slots.assign(size_t(S), 0);
-  out.label.resize(size_t(B * kMaxSlots));
-  out.cats.resize(size_t(B * kMaxSlots));
   out.groups.assign(size_t(B), 0);
   out.window_start.assign(size_t(B + 1), 0);
-  const int64_t group_size = lb.seg_h * slot_window_count(lb.seg_w) * 32;  // uint16 per image per group
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = info.image_slots[size_t(b)];
+    if (n <= kMaxSlots) out.groups[size_t(b)] = n > 32 ? 2 : 1;
+    out.window_start[size_t(b + 1)] =
+        out.window_start[size_t(b)] + out.groups[size_t(b)] * lb.seg_h * slot_window_count(lb.seg_w) * 32;
+  }
+  out.windows.resize(size_t(out.window_start[size_t(B)]));
   const SlotWindowsFn build = slot_windows();
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<int32_t> first_slot(size_t(space.num_labels), -1);  // label -> its slot of occurrence 0
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b) {
-      int32_t* label = out.label.data() + b * kMaxSlots;
-      int32_t occurrence[kMaxSlots];
-      int32_t n = 0;
-      bool fits = true;
-      for (int64_t s = lb.set_start[b]; s < lb.set_start[b + 1] && fits; ++s) {
-        const int64_t e0 = lb.set_label_start[s], e1 = lb.set_label_start[s + 1];
-        for (int64_t e = e0; e < e1; ++e) {
-          const int32_t l = lb.set_labels[e];
-          int32_t k = 0;  // earlier entries of this set with the same label
-          for (int64_t f = e0; f < e; ++f) k += lb.set_labels[f] == l;
-          int32_t j = first_slot[size_t(l)];
-          if (k > 0 && j >= 0) {  // a repeat within the set: its own slot (rare; found by search)
-            const int32_t first = j;
-            j = -1;
-            for (int32_t q = first + 1; q < n; ++q)
-              if (label[q] == l && occurrence[q] == k) j = q;
-          }
-          if (j < 0) {
-            if (n == kMaxSlots) {
-              fits = false;
-              break;
-            }
-            j = n++;
-            label[j] = l;
-            occurrence[j] = k;
-            if (k == 0) first_slot[size_t(l)] = j;
-          }
-          out.set_slots[size_t(s)] |= uint64_t(1) << j;
-        }
-      }
-      for (int32_t j = 0; j < n; ++j) {
-        if (occurrence[j] == 0) first_slot[size_t(label[j])] = -1;
-        out.cats[size_t(b * kMaxSlots + j)] = category_bit(space.primary_category, label[j]);
-      }
-      if (fits) out.groups[size_t(b)] = n > 32 ? 2 : 1;
-    }
-#pragma omp single
-    {
-      for (int64_t b = 0; b < B; ++b)
-        out.window_start[size_t(b + 1)] = out.window_start[size_t(b)] + out.groups[size_t(b)] * group_size;
-      out.windows.resize(size_t(out.window_start[size_t(B)]));
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b)
-      if (out.groups[size_t(b)] > 0)
-        build(lb.pixel_sets + b * lb.seg_h * lb.seg_w, lb.seg_h, lb.seg_w, out.set_slots.data() + lb.set_start[b],
-              out.groups[size_t(b)], out.windows.data() + out.window_start[size_t(b)]);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t b = 0; b < B; ++b) {
+    if (out.groups[size_t(b)] == 0) continue;
+    for (int64_t s = lb.set_start[b]; s < lb.set_start[b + 1]; ++s)
+      for (int64_t e = lb.set_label_start[s]; e < lb.set_label_start[s + 1]; ++e)
+        out.set_slots[size_t(s)] |= uint64_t(1) << info.entry_slot[size_t(e)];
+    build(lb.pixel_sets + b * lb.seg_h * lb.seg_w, lb.seg_h, lb.seg_w, out.set_slots.data() + lb.set_start[b],
+          out.groups[size_t(b)], out.windows.data() + out.window_start[size_t(b)]);
   }
 }
 
@@ -274,12 +230,11 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
                              sc.slot_counts, &nonzero);
     if (M == 0) return;
     sc.flush();
-    const int32_t* label = slots.label.data() + b * kMaxSlots;
-    const uint32_t* cats = slots.cats.data() + b * kMaxSlots;
+    const int32_t* slot_label = info.slot_label.data() + lb.set_label_start[lb.set_start[b]];
     for (; nonzero; nonzero &= nonzero - 1) {
       const int j = __builtin_ctzll(nonzero);
-      sc.defer(Ik + label[j], sc.slot_counts[j]);
-      overlap |= cats[j];
+      sc.defer(Ik + slot_label[j], sc.slot_counts[j]);
+      overlap |= category_bit(space.primary_category, slot_label[j]);
     }
   } else {
     M = count_map_sets(b, m, T, Tm, lb, info, g, Ik, sc, &overlap);
@@ -347,7 +302,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   // 256x13x13). NDF_SLOT_MIN_UNITS moves the bar (tests set 0 to reach it).
   const char* min_units = std::getenv("NDF_SLOT_MIN_UNITS");
   const int64_t slot_min_units = min_units ? std::atoll(min_units) : 1024;
-  if (g.fused_slots[0] && a.units >= slot_min_units) prepare_slots(lb, space, threads, slots);
+  if (g.fused_slots[0] && a.units >= slot_min_units) prepare_slots(lb, info, threads, slots);
 
   const int64_t K = a.units;
   const char* raw = static_cast<const char*>(a.data);
@@ -366,8 +321,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(128, K / (int64_t(std::max(threads, 1)) * 4)));
 #pragma omp parallel num_threads(threads)
   {
-    // (The slot counter defers up to kMaxSlots adds: a label repeated within a set has two slots.)
-    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, kMaxSlots), max_image_labels);
+    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1), max_image_labels);
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
     const ScanMapsFn scan = scan_maps();
     std::vector<float> conv(D == DType::F32 ? 0 : static_cast<size_t>(kTile * block * a.map_size));

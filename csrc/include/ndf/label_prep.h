@@ -15,12 +15,16 @@ struct BatchLabels {
   std::vector<uint32_t> set_categories;          // per global set
   std::vector<uint32_t> image_categories;        // per image: categories of all its labels
   std::vector<uint32_t> image_level_categories;  // per image: of its image-level labels
-  // CPU only: an image's distinct labels numbered 0, 1, ... ("slots"), so a mask's
-  // counts gather per label in a small array before one add per label into I.
-  // Image b's slot j holds label slot_label[set_label_start[set_start[b]] + j]
-  // (an image has no more slots than set entries); entry e of set_labels is slot
-  // entry_slot[e] of its image.
+  // CPU only: an image's (label, occurrence within a set) pairs numbered 0, 1,
+  // ... ("slots"), so a mask's counts gather per label in a small array before
+  // one add per slot into I. A label that several planes give one pixel has a
+  // slot per plane (it counts once per plane; the slot counter's pixel bits
+  // could not count it twice otherwise). Image b's slot j holds label
+  // slot_label[set_label_start[set_start[b]] + j] (an image has no more slots
+  // than set entries) and has image_slots[b] slots; entry e of set_labels is
+  // slot entry_slot[e] of its image.
   std::vector<int32_t> slot_label, entry_slot;
+  std::vector<int64_t> image_slots;
   int64_t max_sets = 0, max_slots = 0;
 };
 
@@ -52,11 +56,12 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
   const int64_t E = lb.set_label_start[S];
   out.slot_label.resize(slots ? size_t(E) : 0);
   out.entry_slot.resize(slots ? size_t(E) : 0);
+  out.image_slots.assign(slots ? size_t(B) : 0, 0);
   std::vector<TallyStatus> status(static_cast<size_t>(B));
-  std::vector<int64_t> nslots(static_cast<size_t>(B), 0);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<int32_t> slot_of(slots ? size_t(space.num_labels) : 0, -1);  // label -> slot, -1 between images
+    // label -> its slot of occurrence 0 (-1 between images); per slot, its occurrence
+    std::vector<int32_t> slot_of(slots ? size_t(space.num_labels) : 0, -1), occurrence;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       TallyStatus& st = status[size_t(b)];
@@ -88,27 +93,40 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
               break;
             }
       if (!slots || st.code != TallyStatus::Ok) continue;
-      const int64_t e0 = lb.set_label_start[s0], e1 = lb.set_label_start[s1];
-      int32_t* labels_of = out.slot_label.data() + e0;
+      int32_t* labels_of = out.slot_label.data() + lb.set_label_start[s0];
+      occurrence.resize(size_t(lb.set_label_start[s1] - lb.set_label_start[s0]));
       int32_t n = 0;
-      for (int64_t e = e0; e < e1; ++e) {  // labels were validated above
-        const int32_t l = lb.set_labels[e];
-        int32_t j = slot_of[size_t(l)];
-        if (j < 0) {
-          j = n++;
-          slot_of[size_t(l)] = j;
-          labels_of[j] = l;
+      for (int64_t s = s0; s < s1; ++s) {  // labels were validated above
+        const int64_t f0 = lb.set_label_start[s], f1 = lb.set_label_start[s + 1];
+        for (int64_t e = f0; e < f1; ++e) {
+          const int32_t l = lb.set_labels[e];
+          int32_t k = 0;  // earlier entries of this set with the same label
+          for (int64_t f = f0; f < e; ++f) k += lb.set_labels[f] == l;
+          int32_t j = slot_of[size_t(l)];
+          if (k > 0) {  // a repeat within its set: the slot of (l, k), found by search (rare)
+            const int32_t first = j;
+            j = -1;
+            for (int32_t q = first + 1; q < n && j < 0; ++q)
+              if (labels_of[q] == l && occurrence[size_t(q)] == k) j = q;
+          }
+          if (j < 0) {
+            j = n++;
+            labels_of[j] = l;
+            occurrence[size_t(j)] = k;
+            if (k == 0) slot_of[size_t(l)] = j;
+          }
+          out.entry_slot[size_t(e)] = j;
         }
-        out.entry_slot[size_t(e)] = j;
       }
-      for (int32_t j = 0; j < n; ++j) slot_of[size_t(labels_of[j])] = -1;
-      nslots[size_t(b)] = n;
+      for (int32_t j = 0; j < n; ++j)
+        if (occurrence[size_t(j)] == 0) slot_of[size_t(labels_of[j])] = -1;
+      out.image_slots[size_t(b)] = n;
     }
   }
   for (int64_t b = 0; b < B; ++b) {
     if (status[size_t(b)].code != TallyStatus::Ok) return status[size_t(b)];
     out.max_sets = std::max(out.max_sets, lb.set_start[b + 1] - lb.set_start[b]);
-    out.max_slots = std::max(out.max_slots, nslots[size_t(b)]);
+    if (slots) out.max_slots = std::max(out.max_slots, out.image_slots[size_t(b)]);
   }
   return TallyStatus{};
 }
