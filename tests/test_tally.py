@@ -1,5 +1,6 @@
 """The fused tally against the dense reference of tests/reference.py (torch
 interpolate, boolean masks, per-plane bincounts): every count must be equal."""
+import types
 import zlib
 
 import numpy as np
@@ -356,6 +357,9 @@ def test_bad_input_is_named():
     broken.set_label_start[3] = broken.set_label_start[-1] + 100  # offsets out of order
     with pytest.raises(ValueError, match="inconsistent LabelBatch offsets"):
         Tally(ds, thr, device="cpu").update(acts, np.arange(4), labels=broken)
+    huge = types.SimpleNamespace(batch=4, seg_shape=(65536, 65536))  # the per-map counts are uint32
+    with pytest.raises(ValueError, match="65536x65536 pixels"):
+        Tally(ds, thr, device="cpu").update(acts, np.arange(4), labels=huge)
     with pytest.raises(ValueError, match="rows but the dataset has"):
         ndf.score(acts[:3], ds, device="cpu", progress=False)
     with pytest.raises(ValueError, match="batch_size"):

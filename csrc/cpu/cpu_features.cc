@@ -511,26 +511,41 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_map_avx512(
 // branch.
 template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) int64_t count_map_slots_avx512(
-    const float* m, float T, float skip, const CellGeometry& g, const uint16_t* windows, uint16_t* counts,
-    uint64_t* nonzero) {
+    const float* m, float T, float skip, const CellGeometry& g, const uint16_t* windows, const int32_t* slot_label,
+    const uint32_t* slot_cats, uint32_t row, AddLog& log, uint32_t* overlap) {
   const int64_t row_stride = slot_window_count(g.sw) * 32 * G;  // uint16 per output row
   __m512i acc[G];
   for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_si512();
-  auto counter = [&](int64_t row, int64_t px, __mmask16 w)
+  auto counter = [&](int64_t r, int64_t px, __mmask16 w)
                      __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) {
                        const __m512i bits = _mm512_set1_epi16(short(w));
-                       const uint16_t* at = windows + row * row_stride + (px >> 3) * (32 * G);
+                       const uint16_t* at = windows + r * row_stride + (px >> 3) * (32 * G);
                        for (int i = 0; i < G; ++i)
                          acc[i] = _mm512_add_epi16(
                              acc[i], _mm512_popcnt_epi16(_mm512_and_si512(_mm512_loadu_si512(at + 32 * i), bits)));
                      };
   const int64_t M = walk_bitalg::count_map_chunks<8>(m, T, skip, g, counter);
-  uint64_t nz = 0;
+  // The log: per 16 slots, the nonzero ones' offsets and counts compressed to
+  // the front of a vector and stored whole (the next store overwrites the rest).
+  const __m512i rows = _mm512_set1_epi32(int(row));
+  __m512i cats = _mm512_setzero_si512();
+  int64_t n = log.n;
   for (int i = 0; i < G; ++i) {
-    _mm512_storeu_si512(counts + 32 * i, acc[i]);
-    nz |= uint64_t(_mm512_test_epi16_mask(acc[i], acc[i])) << (32 * i);
+    const __mmask32 nz = _mm512_test_epi16_mask(acc[i], acc[i]);
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 sel = __mmask16(nz >> (16 * h));
+      const int64_t s = 32 * i + 16 * h;
+      const __m512i counts = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(acc[i], 1)
+                                                     : _mm512_castsi512_si256(acc[i]));
+      const __m512i at = _mm512_add_epi32(rows, _mm512_loadu_si512(slot_label + s));
+      _mm512_storeu_si512(log.off + n, _mm512_maskz_compress_epi32(sel, at));
+      _mm512_storeu_si512(log.val + n, _mm512_maskz_compress_epi32(sel, counts));
+      cats = _mm512_or_si512(cats, _mm512_maskz_loadu_epi32(sel, slot_cats + s));
+      n += __builtin_popcount(unsigned(sel));
+    }
   }
-  *nonzero = nz;
+  log.n = n;
+  *overlap |= uint32_t(_mm512_reduce_or_epi32(cats));
   return M;
 }
 

@@ -87,13 +87,26 @@ using SlotWindowsFn = void (*)(const uint16_t* sets, int64_t sh, int64_t sw, con
                                uint16_t* windows);
 SlotWindowsFn slot_windows();  // null where count_map_slots is
 
-// count_map_fused's thresholding, counted per slot instead of per set: counts[s]
-// = mask pixels holding slot s (uint16: the caller keeps sh * sw < 65536),
-// *nonzero = the slots with counts > 0. Returns the mask size. Null unless the
-// CPU has AVX-512 BW/VL, BITALG, VBMI and GFNI (Ice Lake and later), and for
-// groups outside 1..kMaxSlotGroups.
+// The adds a map's counts make into I, logged (a block of I's rows at `base`:
+// base[off[i]] += val[i]) and applied by the caller in one tight loop, so a map
+// costs no branch per label and the adds' cache misses overlap each other.
+struct AddLog {
+  uint32_t* off;
+  uint32_t* val;
+  int64_t n = 0;
+};
+
+// count_map_fused's thresholding, counted per slot instead of per set (slot
+// counts are uint16: the caller keeps sh * sw < 65536) and logged: for each slot
+// s with pixels under the mask, (row + slot_label[s], its pixels) is appended to
+// `log` (which has room for 32 * groups + 16 more entries: whole vectors are
+// stored), and slot_cats[s] is ORed into *overlap. slot_label and slot_cats have
+// 32 * groups entries. Returns the mask size. Null unless the CPU has AVX-512
+// BW/VL, BITALG, VBMI and GFNI (Ice Lake and later), and for groups outside
+// 1..kMaxSlotGroups.
 using CountMapSlotsFn = int64_t (*)(const float* m, float T, float skip, const CellGeometry& g,
-                                    const uint16_t* windows, uint16_t* counts, uint64_t* nonzero);
+                                    const uint16_t* windows, const int32_t* slot_label, const uint32_t* slot_cats,
+                                    uint32_t row, AddLog& log, uint32_t* overlap);
 CountMapSlotsFn count_map_slots(int groups);
 
 // out[px] = fma(wx0[px], row[x0[px]], wx1[px] * row[x1[px]]) for px < n: one

@@ -14,7 +14,8 @@
 //    out per label (count_map_slots);
 //  - or per label set (a 16-pixel chunk costs one vector compare per distinct
 //    set in it), then per label of the image (count_map_sets);
-// and added into I. Maps up to 32x16 take one call with their rows in registers
+// and the adds into I are logged (AddLog) and applied a unit block at a time in
+// one branch-free loop, whose cache misses overlap. Maps up to 32x16 take one call with their rows in registers
 // (count_map_fused / count_map_slots); others go a cell span at a time
 // (count_map_spans).
 #include <omp.h>
@@ -57,12 +58,17 @@ struct SlotLabels {
   std::vector<int32_t> groups;        // per image: groups of 32 slots; 0 = the set counter
   std::vector<int64_t> window_start;  // per image: where its windows start (B + 1 entries)
   std::vector<uint16_t> windows;      // SlotWindowsFn's layout, groups[b] groups per window
+  // Per image, kMaxSlots entries each: slot s's label and its category bit (0
+  // past the image's slots), as count_map_slots reads them.
+  std::vector<int32_t> label;
+  std::vector<uint32_t> cats;
 };
 
 // Each set's slot bits and each image's windows (after prepare_labels).
 // Windows take 32 bytes per pixel per group of 32 slots, so they are sized per
 // image: a batch of 64 112x112 images with at most 32 slots each holds 6.4 MB.
-void prepare_slots(const LabelBatchView& lb, const BatchLabels& info, int threads, SlotLabels& out) {
+void prepare_slots(const LabelBatchView& lb, const LabelSpace& space, const BatchLabels& info, int threads,
+                   SlotLabels& out) {
   const int64_t B = lb.batch, S = lb.set_start[B];
   out.set_slots.assign(size_t(S), 0);
   out.groups.assign(size_t(B), 0);
@@ -74,10 +80,17 @@ void prepare_slots(const LabelBatchView& lb, const BatchLabels& info, int thread
         out.window_start[size_t(b)] + out.groups[size_t(b)] * lb.seg_h * slot_window_count(lb.seg_w) * 32;
   }
   out.windows.resize(size_t(out.window_start[size_t(B)]));
+  out.label.assign(size_t(B * kMaxSlots), 0);
+  out.cats.assign(size_t(B * kMaxSlots), 0);
   const SlotWindowsFn build = slot_windows();
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
     if (out.groups[size_t(b)] == 0) continue;
+    const int32_t* slot_label = info.slot_label.data() + lb.set_label_start[lb.set_start[b]];
+    for (int64_t j = 0; j < info.image_slots[size_t(b)]; ++j) {
+      out.label[size_t(b * kMaxSlots + j)] = slot_label[j];
+      out.cats[size_t(b * kMaxSlots + j)] = category_bit(space.primary_category, slot_label[j]);
+    }
     for (int64_t s = lb.set_start[b]; s < lb.set_start[b + 1]; ++s)
       for (int64_t e = lb.set_label_start[s]; e < lb.set_label_start[s + 1]; ++e)
         out.set_slots[size_t(s)] |= uint64_t(1) << info.entry_slot[size_t(e)];
@@ -96,27 +109,36 @@ struct Scratch {
   std::vector<int32_t> cnt, touched;
   std::vector<int64_t> slot_cnt;
   std::vector<int32_t> slot_touched;
-  uint16_t slot_counts[kMaxSlots];
-  // The adds of the last counted map into I, applied one map later: their cache
-  // lines are prefetched when they are known and arrive while the next map is
-  // counted (a unit's row of I is mostly out of cache: a batch touches each line
-  // about once).
-  std::vector<int64_t*> pending_at;
-  std::vector<int64_t> pending_add;
-  size_t pending = 0;
+  // The adds into the current block of I's rows (AddLog), applied when a block
+  // is done or the log is full: in one loop without branches, whose cache
+  // misses (a unit's row of I is mostly out of cache) overlap each other.
+  std::vector<uint32_t> log_off, log_val;
+  AddLog log;
+  int64_t log_limit;  // apply before a map when more entries than this are held
   Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots, int64_t max_image_labels)
       : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
         rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0), touched(size_t(max_sets) + 1),
-        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots) + 1),
-        pending_at(size_t(max_slots + max_image_labels)), pending_add(size_t(max_slots + max_image_labels)) {}
-  void defer(int64_t* at, int64_t add) {
-    __builtin_prefetch(at, 1, 3);
-    pending_at[pending] = at;
-    pending_add[pending++] = add;
+        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots) + 1) {
+    // A map logs at most max(max_slots, kMaxSlots) + max_image_labels entries,
+    // and the slot counter stores 16 past its last.
+    const int64_t per_map = std::max<int64_t>(max_slots, kMaxSlots) + max_image_labels + 16;
+    log_limit = 2048;
+    log_off.resize(size_t(log_limit + per_map));
+    log_val.resize(size_t(log_limit + per_map));
+    log.off = log_off.data();
+    log.val = log_val.data();
   }
-  void flush() {
-    for (size_t i = 0; i < pending; ++i) *pending_at[i] += pending_add[i];
-    pending = 0;
+  void add(uint32_t off, int64_t v) {
+    log.off[log.n] = off;
+    log.val[log.n++] = uint32_t(v);
+  }
+  void apply(int64_t* base) {
+    const int64_t n = log.n;
+    const uint32_t* off = log.off;
+    const uint32_t* val = log.val;
+    for (int64_t i = 0; i < n; ++i) __builtin_prefetch(base + off[i], 1, 3);
+    for (int64_t i = 0; i < n; ++i) base[off[i]] += val[i];
+    log.n = 0;
   }
 };
 
@@ -174,10 +196,11 @@ int64_t count_map_spans(const float* m, float T, float Tm, const Geometry& g, co
 }
 
 // The set counter's mask: its pixels per label set, then per label of the
-// image (slot_label), deferred into I (one add per distinct label); returns the
-// mask size and ORs the categories of the labels under it into *overlap.
+// image (slot_label), logged as adds into I's row `row` (one per distinct
+// label); returns the mask size and ORs the categories of the labels under it
+// into *overlap.
 int64_t count_map_sets(int64_t b, const float* m, float T, float Tm, const LabelBatchView& lb,
-                       const BatchLabels& info, const Geometry& g, int64_t* Ik, Scratch& sc, uint32_t* overlap) {
+                       const BatchLabels& info, const Geometry& g, uint32_t row, Scratch& sc, uint32_t* overlap) {
   const uint16_t* ps = lb.pixel_sets + b * g.sh * g.sw;
   int64_t ntouched = 0;
   const int64_t M = g.fused ? g.fused(m, T, Tm, g.cells, ps, sc.cnt.data(), sc.touched.data(), &ntouched)
@@ -200,22 +223,20 @@ int64_t count_map_sets(int64_t b, const float* m, float T, float Tm, const Label
       sc.slot_cnt[size_t(j)] = v + c;
     }
   }
-  sc.flush();
   for (int64_t i = 0; i < nslots; ++i) {
     const int32_t j = sc.slot_touched[size_t(i)];
-    sc.defer(Ik + slot_label[j], sc.slot_cnt[size_t(j)]);
+    sc.add(row + uint32_t(slot_label[j]), sc.slot_cnt[size_t(j)]);
     sc.slot_cnt[size_t(j)] = 0;
   }
   return M;
 }
 
 // Counts one (image b, unit k) map `m` (floats, row-major mh x mw) that may
-// exceed T somewhere.
-void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const LabelBatchView& lb,
+// exceed T somewhere; its adds into I go to sc.log, at row `row` of the block.
+void count_map(int64_t b, int64_t k, uint32_t row, const float* m, float T, float amax, const LabelBatchView& lb,
                const LabelSpace& space, const BatchLabels& info, const SlotLabels& slots, const Geometry& g,
                Rule rule, TallyCounts out, Scratch& sc) {
-  const int64_t L = space.num_labels, C = space.num_categories;
-  int64_t* Ik = out.intersection + k * L;
+  const int64_t C = space.num_categories;
   int64_t* Ak = out.cat_activation + k * C;
   // The counters' `skip`: an interpolated value whose exact value is <= Tm
   // computes <= T (rounding moves it by a few units of 2^-24 * amax; see
@@ -225,26 +246,18 @@ void count_map(int64_t b, int64_t k, const float* m, float T, float amax, const 
   int64_t M;
   const int G = slots.groups.empty() ? 0 : slots.groups[size_t(b)];
   if (G > 0) {  // per slot: the counts come per label already
-    uint64_t nonzero = 0;
     M = g.fused_slots[G - 1](m, T, Tm, g.cells, slots.windows.data() + slots.window_start[size_t(b)],
-                             sc.slot_counts, &nonzero);
-    if (M == 0) return;
-    sc.flush();
-    const int32_t* slot_label = info.slot_label.data() + lb.set_label_start[lb.set_start[b]];
-    for (; nonzero; nonzero &= nonzero - 1) {
-      const int j = __builtin_ctzll(nonzero);
-      sc.defer(Ik + slot_label[j], sc.slot_counts[j]);
-      overlap |= category_bit(space.primary_category, slot_label[j]);
-    }
+                             slots.label.data() + b * kMaxSlots, slots.cats.data() + b * kMaxSlots, row, sc.log,
+                             &overlap);
   } else {
-    M = count_map_sets(b, m, T, Tm, lb, info, g, Ik, sc, &overlap);
-    if (M == 0) return;
+    M = count_map_sets(b, m, T, Tm, lb, info, g, row, sc, &overlap);
   }
-  for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) sc.defer(Ik + lb.image_labels[j], M);
-  uint32_t cats = counted_categories(rule, info.image_categories[size_t(b)], overlap,
-                                     info.image_level_categories[size_t(b)]);
-  for (int32_t c = 0; cats; ++c, cats >>= 1)
-    if (cats & 1u) Ak[c] += M;
+  if (M == 0) return;
+  for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j)
+    sc.add(row + uint32_t(lb.image_labels[j]), M);
+  const uint32_t cats = counted_categories(rule, info.image_categories[size_t(b)], overlap,
+                                           info.image_level_categories[size_t(b)]);
+  for (int64_t c = 0; c < C; ++c) Ak[c] += (cats >> c & 1u) ? M : 0;
 }
 
 template <DType D>
@@ -302,7 +315,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   // 256x13x13). NDF_SLOT_MIN_UNITS moves the bar (tests set 0 to reach it).
   const char* min_units = std::getenv("NDF_SLOT_MIN_UNITS");
   const int64_t slot_min_units = min_units ? std::atoll(min_units) : 1024;
-  if (g.fused_slots[0] && a.units >= slot_min_units) prepare_slots(lb, info, threads, slots);
+  if (g.fused_slots[0] && a.units >= slot_min_units) prepare_slots(lb, space, info, threads, slots);
 
   const int64_t K = a.units;
   const char* raw = static_cast<const char*>(a.data);
@@ -318,7 +331,10 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   // owning blocks t, t + nthreads, ... in every tile: each row of I and A has
   // one writer, and the threads never wait for each other until the batch ends.
   constexpr int64_t kTile = 4;
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(128, K / (int64_t(std::max(threads, 1)) * 4)));
+  // (The log's offsets into a block of I are uint32: block * L < 2^32.)
+  const int64_t L = space.num_labels;
+  const int64_t block = std::min<int64_t>(std::max<int64_t>(1, int64_t(UINT32_MAX) / L),
+                                          std::max<int64_t>(16, std::min<int64_t>(128, K / (int64_t(std::max(threads, 1)) * 4))));
 #pragma omp parallel num_threads(threads)
   {
     Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1), max_image_labels);
@@ -334,6 +350,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
       const int64_t nb = std::min(kTile, a.batch - b0);
       for (int64_t k0 = first_block; k0 < K && my_bad.code == TallyStatus::Ok; k0 += nthreads * block) {
         const int64_t k1 = std::min(K, k0 + block), R = k1 - k0;
+        int64_t* const Ib = out.intersection + k0 * L;  // the block's rows of I, where sc.log's offsets point
         for (int64_t t = 0; t < nb; ++t) {
           base[t] = unit_range_as_float<D>(a, b0 + t, k0, k1, conv.data() + t * R * a.map_size, &stride[t]);
           const int64_t first = scan(base[t], R, stride[t], a.map_size, mx.data() + t * R, amax.data() + t * R);
@@ -366,13 +383,14 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
           for (uint32_t f = fires[size_t(i)]; f; f &= f - 1u) {
             const int64_t t = __builtin_ctz(f);
             const size_t j = size_t(t * R + i);
-            count_map(b0 + t, k0 + i, base[t] + i * stride[t], T, amax[j], lb, space, info, slots, g, cfg.rule,
-                      out, sc);
+            if (sc.log.n > sc.log_limit) sc.apply(Ib);
+            count_map(b0 + t, k0 + i, uint32_t(i * L), base[t] + i * stride[t], T, amax[j], lb, space, info, slots,
+                      g, cfg.rule, out, sc);
           }
         }
+        sc.apply(Ib);
       }
     }
-    sc.flush();
   }
   for (const TallyStatus& b : bad)
     if (b.code != TallyStatus::Ok &&

@@ -154,6 +154,8 @@ class Tally:
         if labels.batch != B:
             raise ValueError(f"labels cover {labels.batch} images, the batch has {B}")
         sh, sw = labels.seg_shape
+        if sh * sw >= 2 ** 32:  # the CPU kernel logs per-map counts as uint32
+            raise ValueError(f"segmentations of {sh}x{sw} pixels: at most 2**32 - 1 pixels per image")
         rf = _receptive_field(self.receptive_field, (h, w), (sh, sw)) if self.upsample == "receptive_field" \
             else (1.0, 1.0, 0.0, 0.0)
         arrays = _label_arrays(labels)
