@@ -15,9 +15,9 @@
 //  - or per label set (a 16-pixel chunk costs one vector compare per distinct
 //    set in it), then per label of the image (count_map_sets);
 // and the adds into I are logged (AddLog) and applied a unit block at a time in
-// one branch-free loop, whose cache misses overlap. Maps up to 32x16 take one call with their rows in registers
-// (count_map_fused / count_map_slots); others go a cell span at a time
-// (count_map_spans).
+// one branch-free loop, whose cache misses overlap. Maps up to 32x16 take one
+// call with their rows in registers (count_map_fused / count_map_slots); others
+// go a cell span at a time (count_map_spans).
 #include <omp.h>
 
 #include <algorithm>
@@ -114,7 +114,7 @@ struct Scratch {
   // misses (a unit's row of I is mostly out of cache) overlap each other.
   std::vector<uint32_t> log_off, log_val;
   AddLog log;
-  int64_t log_limit;  // apply before a map when more entries than this are held
+  static constexpr int64_t kLogLimit = 2048;  // apply before a map when more entries than this are held
   Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots, int64_t max_image_labels)
       : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
         rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0), touched(size_t(max_sets) + 1),
@@ -122,9 +122,8 @@ struct Scratch {
     // A map logs at most max(max_slots, kMaxSlots) + max_image_labels entries,
     // and the slot counter stores 16 past its last.
     const int64_t per_map = std::max<int64_t>(max_slots, kMaxSlots) + max_image_labels + 16;
-    log_limit = 2048;
-    log_off.resize(size_t(log_limit + per_map));
-    log_val.resize(size_t(log_limit + per_map));
+    log_off.resize(size_t(kLogLimit + per_map));
+    log_val.resize(size_t(kLogLimit + per_map));
     log.off = log_off.data();
     log.val = log_val.data();
   }
@@ -333,8 +332,8 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   constexpr int64_t kTile = 4;
   // (The log's offsets into a block of I are uint32: block * L < 2^32.)
   const int64_t L = space.num_labels;
-  const int64_t block = std::min<int64_t>(std::max<int64_t>(1, int64_t(UINT32_MAX) / L),
-                                          std::max<int64_t>(16, std::min<int64_t>(128, K / (int64_t(std::max(threads, 1)) * 4))));
+  const int64_t wanted = std::max<int64_t>(16, std::min<int64_t>(128, K / (int64_t(std::max(threads, 1)) * 4)));
+  const int64_t block = std::min<int64_t>(wanted, std::max<int64_t>(1, int64_t(UINT32_MAX) / L));
 #pragma omp parallel num_threads(threads)
   {
     Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1), max_image_labels);
@@ -383,7 +382,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
           for (uint32_t f = fires[size_t(i)]; f; f &= f - 1u) {
             const int64_t t = __builtin_ctz(f);
             const size_t j = size_t(t * R + i);
-            if (sc.log.n > sc.log_limit) sc.apply(Ib);
+            if (sc.log.n > Scratch::kLogLimit) sc.apply(Ib);
             count_map(b0 + t, k0 + i, uint32_t(i * L), base[t] + i * stride[t], T, amax[j], lb, space, info, slots,
                       g, cfg.rule, out, sc);
           }
