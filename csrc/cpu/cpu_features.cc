@@ -506,7 +506,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t count_map_avx512(
 }
 
 // The map counter per pixel slot (SlotWindowsFn's windows; chunks start at
-// multiples of 8): per row, one AND and one 16-bit popcount per 32 slots,
+// multiples of 16): per row, one AND and one 16-bit popcount per 32 slots,
 // whatever the labels under the mask -- no per-set or per-label step and no
 // branch.
 template <int G>
@@ -519,12 +519,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) int64_t count_
   auto counter = [&](int64_t r, int64_t px, __mmask16 w)
                      __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) {
                        const __m512i bits = _mm512_set1_epi16(short(w));
-                       const uint16_t* at = windows + r * row_stride + (px >> 3) * (32 * G);
+                       const uint16_t* at = windows + r * row_stride + (px >> 4) * (32 * G);
                        for (int i = 0; i < G; ++i)
                          acc[i] = _mm512_add_epi16(
                              acc[i], _mm512_popcnt_epi16(_mm512_and_si512(_mm512_loadu_si512(at + 32 * i), bits)));
                      };
-  const int64_t M = walk_bitalg::count_map_chunks<8>(m, T, skip, g, counter);
+  const int64_t M = walk_bitalg::count_map_chunks<16>(m, T, skip, g, counter);
   // The log: per 16 slots, the nonzero ones' offsets and counts compressed to
   // the front of a vector and stored whole (the next store overwrites the rest).
   const __m512i rows = _mm512_set1_epi32(int(row));
@@ -583,30 +583,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"), always_inlin
   return _mm512_permutexvar_epi8(_mm512_load_si512(kInterleave), t);
 }
 
-// SlotWindowsFn: per row, each aligned 16-column word's slot bits (slot_bits16),
-// and the windows at odd multiples of 8 spliced from two neighbouring words.
+// SlotWindowsFn: per row, each aligned 16-column word's slot bits (slot_bits16).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"))) void slot_windows_avx512(
     const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots, int G, uint16_t* windows) {
-  const int64_t nwords = (sw + 15) / 16, nwin = slot_window_count(sw);
+  const int64_t nwin = slot_window_count(sw);
   for (int64_t r = 0; r < sh; ++r) {
     const uint16_t* ids_row = sets + r * sw;
     uint16_t* out = windows + r * nwin * 32 * G;
-    for (int g = 0; g < G; ++g) {
-      __m512i word = _mm512_setzero_si512();
-      for (int64_t w = 0; w <= nwords; ++w) {  // word w's window, and the one between words w - 1 and w
-        __m512i next = _mm512_setzero_si512();
-        if (w < nwords) {
-          const int64_t n = sw - 16 * w < 16 ? sw - 16 * w : 16;
-          const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
-          const __m512i ids = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, ids_row + 16 * w));
-          next = slot_bits16(live, ids, set_slots, g);
-        }
-        if (w > 0 && 2 * w - 1 < nwin)
-          _mm512_storeu_si512(out + ((2 * w - 1) * G + g) * 32,
-                              _mm512_or_si512(_mm512_srli_epi16(word, 8), _mm512_slli_epi16(next, 8)));
-        if (2 * w < nwin) _mm512_storeu_si512(out + (2 * w * G + g) * 32, next);
-        word = next;
-      }
+    for (int64_t w = 0; w < nwin; ++w) {
+      const int64_t n = sw - 16 * w < 16 ? sw - 16 * w : 16;
+      const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
+      const __m512i ids = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, ids_row + 16 * w));
+      for (int g = 0; g < G; ++g) _mm512_storeu_si512(out + (w * G + g) * 32, slot_bits16(live, ids, set_slots, g));
     }
   }
 }

@@ -77,11 +77,11 @@ CountMapFn count_map_fused();
 // The map counter per "pixel slot": each image numbers the (label, plane) pairs
 // its pixels hold, at most 32 * kMaxSlotGroups, and a pixel's slots are bits.
 // Windows (SlotWindowsFn) hold, per output row r and window c (columns
-// 8c..8c+15), per group of 32 slots: lane j of windows[((r * nwin + c) * G + g) * 32 + j]
-// has bit i set when pixel (r, 8c + i) holds slot 32g + j (nwin =
+// 16c..16c+15), per group of 32 slots: lane j of windows[((r * nwin + c) * G + g) * 32 + j]
+// has bit i set when pixel (r, 16c + i) holds slot 32g + j (nwin =
 // slot_window_count(sw); bits past the row's end are 0).
 constexpr int kMaxSlotGroups = 2;
-inline int64_t slot_window_count(int64_t sw) { return (sw + 7) / 8; }
+inline int64_t slot_window_count(int64_t sw) { return (sw + 15) / 16; }
 // sets: an image's set ids (sh x sw); set_slots[s]: the slot bits of its set s.
 using SlotWindowsFn = void (*)(const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots, int G,
                                uint16_t* windows);

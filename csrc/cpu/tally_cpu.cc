@@ -65,8 +65,8 @@ struct SlotLabels {
 };
 
 // Each set's slot bits and each image's windows (after prepare_labels).
-// Windows take 32 bytes per pixel per group of 32 slots, so they are sized per
-// image: a batch of 64 112x112 images with at most 32 slots each holds 6.4 MB.
+// Windows take 4 bytes per pixel per group of 32 slots, so they are sized per
+// image: a batch of 64 112x112 images with at most 32 slots each holds 3.2 MB.
 void prepare_slots(const LabelBatchView& lb, const LabelSpace& space, const BatchLabels& info, int threads,
                    SlotLabels& out) {
   const int64_t B = lb.batch, S = lb.set_start[B];

@@ -287,9 +287,9 @@ void test_tail_quantile() {
   }
 }
 
-// slot_windows: window c of row r, lane j of group g, bit i = pixel (r, 8c + i)
+// slot_windows: window c of row r, lane j of group g, bit i = pixel (r, 16c + i)
 // holds slot 32g + j, i.e. its set's slot mask has that bit (0 past the row's
-// end), for row widths around the 8- and 16-pixel grid. Null where the CPU
+// end), for row widths around the 16-pixel grid. Null where the CPU
 // lacks AVX-512 BITALG (then the tally never takes the slot counter).
 void test_slot_windows() {
   const ndf::SlotWindowsFn build = ndf::slot_windows();
@@ -311,7 +311,7 @@ void test_slot_windows() {
             for (int j = 0; j < 32; ++j) {
               uint16_t want = 0;
               for (int i = 0; i < 16; ++i) {
-                const int64_t x = 8 * c + i;
+                const int64_t x = 16 * c + i;
                 if (x < sw && (set_slots[sets[size_t(r * sw + x)]] >> (32 * g + j) & 1)) want |= uint16_t(1u << i);
               }
               const uint16_t got = windows[size_t(((r * nwin + c) * G + g) * 32 + j)];
