@@ -324,7 +324,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
     max_image_labels = std::max(max_image_labels, lb.image_label_start[b + 1] - lb.image_label_start[b]);
   std::vector<TallyStatus> bad(size_t(std::max(threads, 1)));
   // Images go in tiles, and each tile is counted for every unit before the
-  // next: the tile's labels (set ids, slot windows: ~100 KB per image) stay in
+  // next: the tile's labels (set ids, slot windows: ~75 KB per 112x112 image) stay in
   // cache across all units, where a unit-major order streamed the batch's
   // labels from memory once per unit block. Units go in blocks, thread t
   // owning blocks t, t + nthreads, ... in every tile: each row of I and A has
