@@ -7,10 +7,11 @@ thresholds at q=0.995. Also K=256 at 13x13 and 14x14 (-> 112x112).
 Measured in the same run: our tally with 1 and 2 threads (steady state: one
 Tally per thread count, its counts already in memory, as in a long run; and once
 with a fresh Tally, whose first adds fault in I's pages), quantile + tally
-together (fresh objects, as a run starts), the time to read the activations twice (torch.sum), and the two
-baselines — the straightforward torch pipeline (interpolate everything,
-threshold, bincount) and the NetDissect-Lite loop (per image and unit: max-skip,
-PIL float bilinear resize, numpy bincount) — timed on a slice and extrapolated.
+together (fresh objects, as a run starts), the time to read the activations
+twice (torch.sum), and the two baselines — the straightforward torch pipeline
+(interpolate everything, threshold, bincount) and the NetDissect-Lite loop (per
+image and unit: max-skip, PIL float bilinear resize, numpy bincount) — timed on
+a slice and extrapolated.
 
     python bench/bench_tally.py [--images 1000] [--threads 2] [--repeats 3]
 """
@@ -152,7 +153,7 @@ def bench_config(rng, args, K, h, w, n_images, baselines):
         qs.update(acts[s:s + 64])
     thr = qs.thresholds()
     # Steady state: the same Tally for every run, so its 20 MB of counts were
-    # faulted in by the warm-up (a fresh I costs ~3-8 ms on this VM, once per
+    # faulted in by the warm-up (a fresh I costs ~2-8 ms on this VM, once per
     # dissection: ~0.1 ms per 1,000 images of Broden's 63,305).
     warm1, warm2 = (Tally(ds, thr, device="cpu", threads=n) for n in (1, args.threads))
     t1 = measure("tally1", lambda: run_tally(ds, acts, thr, 1, t=warm1), repeats=args.repeats).median
