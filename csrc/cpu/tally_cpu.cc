@@ -367,14 +367,21 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
             fires[size_t(i)] |= uint32_t(interp_upper_bound(mx[size_t(t * R + i)], amax[size_t(t * R + i)]) >
                                          thresholds[k0 + i])
                                 << t;
-        // This thread's next block of the tile goes to cache while this one is
-        // counted, so its scan does not wait on memory.
-        const int64_t next0 = k0 + nthreads * block, next1 = std::min(K, next0 + block);
+        // This thread's next block goes to cache while this one is counted, so
+        // its scan does not wait on memory: the tile's next block, or after the
+        // tile's last the next tile's first.
+        int64_t next0 = k0 + nthreads * block, nb0 = b0, nnb = nb;
+        if (next0 >= K) {
+          next0 = first_block;
+          nb0 = b0 + kTile;
+          nnb = std::max<int64_t>(0, std::min(kTile, a.batch - nb0));
+        }
+        const int64_t next1 = std::min(K, next0 + block);
         for (int64_t i = 0; i < R; ++i) {
           const int64_t kn = next0 + i;
           if (kn < next1)
-            for (int64_t t = 0; t < nb; ++t) {
-              const uintptr_t from = uintptr_t(raw + ((b0 + t) * a.stride_batch + kn * a.stride_unit) * elem);
+            for (int64_t t = 0; t < nnb; ++t) {
+              const uintptr_t from = uintptr_t(raw + ((nb0 + t) * a.stride_batch + kn * a.stride_unit) * elem);
               for (uintptr_t line = from & ~uintptr_t(63); line < from + map_bytes; line += 64)
                 __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
             }
