@@ -404,7 +404,7 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
       st = b;
   if (st.code != TallyStatus::Ok) return st;
 
-  add_label_pixels(lb, out.label_pixels);
+  add_label_pixels(info, out.label_pixels);
   return st;
 }
 

@@ -225,7 +225,7 @@ TallyStatus tally_cuda(const ActivationView& a, const float* thresholds, const L
     st.unit = int64_t(first) % a.units;
     return st;
   }
-  add_label_pixels(lb, label_pixels);
+  add_label_pixels(info, label_pixels);
   return st;
 }
 

@@ -26,6 +26,10 @@ struct BatchLabels {
   std::vector<int32_t> slot_label, entry_slot;
   std::vector<int64_t> image_slots;
   int64_t max_sets = 0, max_slots = 0;
+  // G of the batch: per label, the pixels of every set holding it (once per
+  // plane) + sh*sw per image-level label. Added to the tally's G only once the
+  // whole batch is counted (add_label_pixels).
+  std::vector<int64_t> label_pixels;
 };
 
 // OR of the category bits of labels[from, to). A label number outside 1..L-1
@@ -57,12 +61,14 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
   out.slot_label.resize(slots ? size_t(E) : 0);
   out.entry_slot.resize(slots ? size_t(E) : 0);
   out.image_slots.assign(slots ? size_t(B) : 0, 0);
+  out.label_pixels.assign(size_t(space.num_labels), 0);
   std::vector<TallyStatus> status(static_cast<size_t>(B));
 #pragma omp parallel num_threads(threads)
   {
     // label -> its slot of occurrence 0 (-1 between images); per slot, its occurrence
     std::vector<int32_t> slot_of(slots ? size_t(space.num_labels) : 0, -1), occurrence;
-#pragma omp for schedule(dynamic, 1)
+    std::vector<int64_t> pixels(size_t(space.num_labels), 0);  // this thread's share of G
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t b = 0; b < B; ++b) {
       TallyStatus& st = status[size_t(b)];
       uint32_t cats = 0, level = 0;
@@ -92,7 +98,13 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
               st = TallyStatus{TallyStatus::BadSetId, b, -1, ps[y * sw + x]};
               break;
             }
-      if (!slots || st.code != TallyStatus::Ok) continue;
+      if (st.code != TallyStatus::Ok) continue;
+      for (int64_t s = s0; s < s1; ++s)  // labels were validated above
+        for (int64_t e = lb.set_label_start[s]; e < lb.set_label_start[s + 1]; ++e)
+          pixels[size_t(lb.set_labels[e])] += lb.set_pixels[s];
+      for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j)
+        pixels[size_t(lb.image_labels[j])] += sh * sw;
+      if (!slots) continue;
       int32_t* labels_of = out.slot_label.data() + lb.set_label_start[s0];
       occurrence.resize(size_t(lb.set_label_start[s1] - lb.set_label_start[s0]));
       int32_t n = 0;
@@ -122,6 +134,8 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
         if (occurrence[size_t(j)] == 0) slot_of[size_t(labels_of[j])] = -1;
       out.image_slots[size_t(b)] = n;
     }
+#pragma omp critical(ndf_label_pixels)
+    for (size_t l = 0; l < pixels.size(); ++l) out.label_pixels[l] += pixels[l];
   }
   for (int64_t b = 0; b < B; ++b) {
     if (status[size_t(b)].code != TallyStatus::Ok) return status[size_t(b)];
@@ -131,16 +145,9 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
   return TallyStatus{};
 }
 
-// G[l] += pixels of every set holding l (once per plane) + sh*sw per image-level label.
-inline void add_label_pixels(const LabelBatchView& lb, int64_t* label_pixels) {
-  const int64_t area = lb.seg_h * lb.seg_w;
-  for (int64_t b = 0; b < lb.batch; ++b) {
-    for (int64_t s = lb.set_start[b]; s < lb.set_start[b + 1]; ++s)
-      for (int64_t j = lb.set_label_start[s]; j < lb.set_label_start[s + 1]; ++j)
-        label_pixels[lb.set_labels[j]] += lb.set_pixels[s];
-    for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j)
-      label_pixels[lb.image_labels[j]] += area;
-  }
+// G += the batch's label sizes (prepare_labels), once the batch is counted.
+inline void add_label_pixels(const BatchLabels& info, int64_t* label_pixels) {
+  for (size_t l = 0; l < info.label_pixels.size(); ++l) label_pixels[l] += info.label_pixels[l];
 }
 
 }  // namespace ndf
