@@ -348,7 +348,7 @@ def test_bad_input_is_named():
     t = Tally(ds, thr, device="cpu")
     with pytest.raises(ValueError, match="label number outside the label space"):
         t.update(acts, np.arange(4), labels=lb)
-    assert t.intersection.sum() == 0
+    assert t.intersection.sum() == 0 and t.cat_activation.sum() == 0 and t.label_pixels.sum() == 0
     lb.set_labels[0] = 0  # "unlabelled" is not a label a set may hold
     with pytest.raises(ValueError, match=r"outside the label space \(0\)"):
         Tally(ds, thr, device="cpu").update(acts, np.arange(4), labels=lb)
