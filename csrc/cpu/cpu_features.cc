@@ -513,7 +513,7 @@ template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) int64_t count_map_slots_avx512(
     const float* m, float T, float skip, const CellGeometry& g, const uint16_t* windows, const int32_t* slot_label,
     const uint32_t* slot_cats, uint32_t row, AddLog& log, uint32_t* overlap) {
-  const int64_t row_stride = slot_window_count(g.sw) * 32 * G;  // uint16 per output row
+  const int64_t row_stride = slot_window_row(g.sw, G);
   __m512i acc[G];
   for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_si512();
   auto counter = [&](int64_t r, int64_t px, __mmask16 w)
@@ -589,7 +589,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"))) void slot_w
   const int64_t nwin = slot_window_count(sw);
   for (int64_t r = 0; r < sh; ++r) {
     const uint16_t* ids_row = sets + r * sw;
-    uint16_t* out = windows + r * nwin * 32 * G;
+    uint16_t* out = windows + r * slot_window_row(sw, G);
     for (int64_t w = 0; w < nwin; ++w) {
       const int64_t n = sw - 16 * w < 16 ? sw - 16 * w : 16;
       const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);

@@ -82,6 +82,8 @@ CountMapFn count_map_fused();
 // slot_window_count(sw); bits past the row's end are 0).
 constexpr int kMaxSlotGroups = 2;
 inline int64_t slot_window_count(int64_t sw) { return (sw + 15) / 16; }
+// uint16 per output row of an image's windows with G groups of 32 slots.
+inline int64_t slot_window_row(int64_t sw, int64_t G) { return slot_window_count(sw) * 32 * G; }
 // sets: an image's set ids (sh x sw); set_slots[s]: the slot bits of its set s.
 using SlotWindowsFn = void (*)(const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots, int G,
                                uint16_t* windows);

@@ -77,7 +77,7 @@ void prepare_slots(const LabelBatchView& lb, const LabelSpace& space, const Batc
     const int64_t n = info.image_slots[size_t(b)];
     if (n <= kMaxSlots) out.groups[size_t(b)] = n > 32 ? 2 : 1;
     out.window_start[size_t(b + 1)] =
-        out.window_start[size_t(b)] + out.groups[size_t(b)] * lb.seg_h * slot_window_count(lb.seg_w) * 32;
+        out.window_start[size_t(b)] + lb.seg_h * slot_window_row(lb.seg_w, out.groups[size_t(b)]);
   }
   out.windows.resize(size_t(out.window_start[size_t(B)]));
   out.label.assign(size_t(B * kMaxSlots), 0);
