@@ -121,6 +121,46 @@ void test_scan_append() {
   }
 }
 
+// scan_maps: per map its maximum and largest magnitude (negative values of
+// either sign dominating), for counts that are not a multiple of the 16 maps
+// the AVX-512 scan takes at once; the first map holding a NaN or an infinity
+// is reported, whichever value of which map it is.
+void test_scan_maps() {
+  const ndf::ScanMapsFn scan = ndf::scan_maps();
+  for (int64_t n : {1, 7, 16, 17, 49, 64, 196}) {
+    for (int64_t count : {1, 5, 16, 23, 40}) {
+      const int64_t stride = n + 2;
+      std::vector<float> maps = random_values(size_t(count * stride), 0);
+      for (int64_t i = 0; i < count; i += 3) maps[size_t(i * stride + n / 2)] = -100.0f - float(i);  // |min| > max
+      if (count > 1) std::fill_n(maps.begin() + stride, n, 0.0f);  // an all-zero map (and -0.0 below)
+      if (count > 2) maps[size_t(2 * stride)] = -0.0f;
+      std::vector<float> mx(static_cast<size_t>(count)), amax(static_cast<size_t>(count));
+      const int64_t first = scan(maps.data(), count, stride, n, mx.data(), amax.data());
+      CHECK(first == -1, "n=%lld count=%lld: finite maps reported bad at %lld", (long long)n, (long long)count,
+            (long long)first);
+      for (int64_t i = 0; i < count; ++i) {
+        float top = -INFINITY, mag = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          top = std::max(top, maps[size_t(i * stride + j)]);
+          mag = std::max(mag, std::fabs(maps[size_t(i * stride + j)]));
+        }
+        CHECK(mx[size_t(i)] == top && amax[size_t(i)] == mag, "n=%lld map %lld: max %g |max| %g, want %g %g",
+              (long long)n, (long long)i, mx[size_t(i)], amax[size_t(i)], top, mag);
+      }
+      for (float poison : {std::numeric_limits<float>::quiet_NaN(), INFINITY, -INFINITY}) {
+        for (int64_t at : {int64_t(0), count / 2, count - 1}) {
+          std::vector<float> p = maps;
+          p[size_t(at * stride + (at * 7) % n)] = poison;
+          if (at + 1 < count) p[size_t((count - 1) * stride)] = poison;  // a later one too: the first is named
+          const int64_t got = scan(p.data(), count, stride, n, mx.data(), amax.data());
+          CHECK(got == at, "n=%lld count=%lld: %g in map %lld reported at %lld", (long long)n, (long long)count,
+                poison, (long long)at, (long long)got);
+        }
+      }
+    }
+  }
+}
+
 // interp_row, and the masks count_span thresholds from its output: the formulas
 // of ndf/interp.h, evaluated here one pixel at a time (every pixel its own label
 // set, so the per-set counts are the mask).
@@ -327,6 +367,7 @@ int main() {
   std::printf("SIMD variant: %s\n", ndf::cpu_isa_name());
   test_select_top();
   test_scan_append();
+  test_scan_maps();
   test_interp_and_span_masks();
   test_count_span();
   test_hot_rows();
