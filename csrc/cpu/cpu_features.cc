@@ -279,42 +279,66 @@ __attribute__((target("avx512f"))) inline __m512 max16_transposed(const __m512* 
   return _mm512_permutexvar_ps(order, d);
 }
 
+// max16_transposed on signed 32-bit integers (the same network).
+template <int kImm>
+__attribute__((target("avx512f"), always_inline)) inline __m512i shuffle_epi32x2(__m512i x, __m512i y) {
+  return _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(y), kImm));
+}
+__attribute__((target("avx512f"))) inline __m512i max16_transposed_epi32(const __m512i* v) {
+  __m512i a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)
+    a[j] = _mm512_max_epi32(_mm512_shuffle_i32x4(v[2 * j], v[2 * j + 1], 0x44),
+                            _mm512_shuffle_i32x4(v[2 * j], v[2 * j + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)
+    b[j] = _mm512_max_epi32(_mm512_shuffle_i32x4(a[2 * j], a[2 * j + 1], 0x88),
+                            _mm512_shuffle_i32x4(a[2 * j], a[2 * j + 1], 0xDD));
+  for (int j = 0; j < 2; ++j)
+    c[j] = _mm512_max_epi32(shuffle_epi32x2<0x44>(b[2 * j], b[2 * j + 1]), shuffle_epi32x2<0xEE>(b[2 * j], b[2 * j + 1]));
+  const __m512i d = _mm512_max_epi32(shuffle_epi32x2<0x88>(c[0], c[1]), shuffle_epi32x2<0xDD>(c[0], c[1]));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_epi32(order, d);
+}
+
 __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, int64_t count, int64_t stride,
                                                             int64_t n, float* mx, float* amax) {
-  const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(-INFINITY);
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf_bits = _mm512_set1_epi32(0x7f800000);
   const int64_t full = n & ~int64_t(15);
   const __mmask16 tail = __mmask16((1u << (n - full)) - 1u);
-  __mmask16 nan = 0;  // OR of per-vector NaN masks: no long floating-point dependency chain
-  __m512 inf = zero;
-  __m512 m[16], a[16];
+  // The largest magnitude is taken on the values' bits with the sign cleared, as
+  // integers: they order like the magnitudes, and every NaN or infinity is at
+  // least 0x7f800000, so one compare per 16 maps finds them (a float max would
+  // drop NaNs, needing a compare per vector).
+  __mmask16 bad = 0;
+  __m512 m[16];
+  __m512i a[16];
   for (int64_t i0 = 0; i0 < count; i0 += 16) {
     const int64_t group = count - i0 < 16 ? count - i0 : 16;
     for (int64_t g = 0; g < 16; ++g) {
       const float* v = base + (i0 + (g < group ? g : 0)) * stride;  // pad a short group with map i0
-      __m512 mm = ninf, aa = zero;
+      __m512 mm = ninf;
+      __m512i aa = _mm512_setzero_si512();
       for (int64_t j = 0; j < full; j += 16) {
         const __m512 x = _mm512_loadu_ps(v + j);
         mm = _mm512_max_ps(mm, x);
-        aa = _mm512_max_ps(aa, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs_mask)));
-        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        aa = _mm512_max_epi32(aa, _mm512_and_si512(_mm512_castps_si512(x), abs_mask));
       }
       if (tail) {
         const __m512 x = _mm512_maskz_loadu_ps(tail, v + full);
         mm = _mm512_mask_max_ps(mm, tail, mm, x);
-        aa = _mm512_max_ps(aa, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs_mask)));
-        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        aa = _mm512_max_epi32(aa, _mm512_and_si512(_mm512_castps_si512(x), abs_mask));
       }
       m[g] = mm;
       a[g] = aa;
     }
-    const __m512 ms = max16_transposed(m), as = max16_transposed(a);
+    const __m512 ms = max16_transposed(m);
+    const __m512i as = max16_transposed_epi32(a);
     const __mmask16 live = __mmask16(group == 16 ? 0xffffu : (1u << group) - 1u);
     _mm512_mask_storeu_ps(mx + i0, live, ms);
-    _mm512_mask_storeu_ps(amax + i0, live, as);
-    inf = _mm512_max_ps(inf, as);
+    _mm512_mask_storeu_ps(amax + i0, live, _mm512_castsi512_ps(as));
+    bad |= _mm512_mask_cmpge_epi32_mask(live, as, inf_bits);
   }
-  return (nan || _mm512_reduce_max_ps(inf) == INFINITY) ? first_bad_map(base, count, stride, n) : -1;
+  return bad ? first_bad_map(base, count, stride, n) : -1;
 }
 
 __attribute__((target("avx2,fma"))) int64_t scan_maps_avx2(const float* base, int64_t count, int64_t stride,
