@@ -262,42 +262,32 @@ __attribute__((target("avx512f"))) float select_top_avx512(float* v, int64_t n, 
 
 // Lane i of the result = the maximum of the 16 lanes of v[i]: a transpose-and-max
 // network, ~3 instructions per vector instead of a full horizontal reduction each.
-__attribute__((target("avx512f"))) inline __m512 max16_transposed(const __m512* v) {
+// `max` combines two vectors lane by lane (on floats, or on their bits as
+// integers: the shuffles move bits whatever they mean).
+template <class Max>
+__attribute__((target("avx512f"), always_inline)) inline __m512 max16_transposed(const __m512* v, Max max) {
   __m512 a[8], b[4], c[2];
   for (int j = 0; j < 8; ++j)  // 128-bit halves: lanes 0-7 from v[2j], 8-15 from v[2j+1]
-    a[j] = _mm512_max_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+    a[j] = max(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44), _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
   for (int j = 0; j < 4; ++j)  // 4 values per map, maps 4j..4j+3 in 128-bit lanes 0..3
-    b[j] = _mm512_max_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x88),
-                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xDD));
+    b[j] = max(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x88), _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xDD));
   for (int j = 0; j < 2; ++j)  // within 128-bit lanes: 2 values of map L (from b[2j]) and of map L+4
-    c[j] = _mm512_max_ps(_mm512_shuffle_ps(b[2 * j], b[2 * j + 1], 0x44),
-                         _mm512_shuffle_ps(b[2 * j], b[2 * j + 1], 0xEE));
-  const __m512 d = _mm512_max_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+    c[j] = max(_mm512_shuffle_ps(b[2 * j], b[2 * j + 1], 0x44), _mm512_shuffle_ps(b[2 * j], b[2 * j + 1], 0xEE));
+  const __m512 d = max(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
   // d's lane 4L + j holds map L + 4j (L: 128-bit lane, j: position within it)
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(order, d);
 }
-
-// max16_transposed on signed 32-bit integers (the same network).
-template <int kImm>
-__attribute__((target("avx512f"), always_inline)) inline __m512i shuffle_epi32x2(__m512i x, __m512i y) {
-  return _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(y), kImm));
-}
-__attribute__((target("avx512f"))) inline __m512i max16_transposed_epi32(const __m512i* v) {
-  __m512i a[8], b[4], c[2];
-  for (int j = 0; j < 8; ++j)
-    a[j] = _mm512_max_epi32(_mm512_shuffle_i32x4(v[2 * j], v[2 * j + 1], 0x44),
-                            _mm512_shuffle_i32x4(v[2 * j], v[2 * j + 1], 0xEE));
-  for (int j = 0; j < 4; ++j)
-    b[j] = _mm512_max_epi32(_mm512_shuffle_i32x4(a[2 * j], a[2 * j + 1], 0x88),
-                            _mm512_shuffle_i32x4(a[2 * j], a[2 * j + 1], 0xDD));
-  for (int j = 0; j < 2; ++j)
-    c[j] = _mm512_max_epi32(shuffle_epi32x2<0x44>(b[2 * j], b[2 * j + 1]), shuffle_epi32x2<0xEE>(b[2 * j], b[2 * j + 1]));
-  const __m512i d = _mm512_max_epi32(shuffle_epi32x2<0x88>(c[0], c[1]), shuffle_epi32x2<0xDD>(c[0], c[1]));
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_epi32(order, d);
-}
+struct MaxPs {
+  __attribute__((target("avx512f"), always_inline)) __m512 operator()(__m512 x, __m512 y) const {
+    return _mm512_max_ps(x, y);
+  }
+};
+struct MaxEpi32 {  // on the bits as signed integers
+  __attribute__((target("avx512f"), always_inline)) __m512 operator()(__m512 x, __m512 y) const {
+    return _mm512_castsi512_ps(_mm512_max_epi32(_mm512_castps_si512(x), _mm512_castps_si512(y)));
+  }
+};
 
 __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, int64_t count, int64_t stride,
                                                             int64_t n, float* mx, float* amax) {
@@ -310,8 +300,7 @@ __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, i
   // least 0x7f800000, so one compare per 16 maps finds them (a float max would
   // drop NaNs, needing a compare per vector).
   __mmask16 bad = 0;
-  __m512 m[16];
-  __m512i a[16];
+  __m512 m[16], a[16];  // a: magnitude bits
   for (int64_t i0 = 0; i0 < count; i0 += 16) {
     const int64_t group = count - i0 < 16 ? count - i0 : 16;
     for (int64_t g = 0; g < 16; ++g) {
@@ -329,10 +318,10 @@ __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, i
         aa = _mm512_max_epi32(aa, _mm512_and_si512(_mm512_castps_si512(x), abs_mask));
       }
       m[g] = mm;
-      a[g] = aa;
+      a[g] = _mm512_castsi512_ps(aa);
     }
-    const __m512 ms = max16_transposed(m);
-    const __m512i as = max16_transposed_epi32(a);
+    const __m512 ms = max16_transposed(m, MaxPs());
+    const __m512i as = _mm512_castps_si512(max16_transposed(a, MaxEpi32()));
     const __mmask16 live = __mmask16(group == 16 ? 0xffffu : (1u << group) - 1u);
     _mm512_mask_storeu_ps(mx + i0, live, ms);
     _mm512_mask_storeu_ps(amax + i0, live, _mm512_castsi512_ps(as));
