@@ -813,9 +813,11 @@ struct Dispatch {
   const char* name = "baseline";
   Dispatch() {
 #ifdef NDF_X86
-    // NDF_CPU_ISA=avx2|baseline caps the choice (tests run every variant this way).
+    // NDF_CPU_ISA=avx512-sets|avx2|baseline caps the choice (tests run every variant this way);
+    // avx512-sets keeps the set counter where the slot counter would run.
     const char* cap = std::getenv("NDF_CPU_ISA");
-    const bool allow512 = !cap || std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx512-sets") == 0;
+    const bool sets_only = cap && std::strcmp(cap, "avx512-sets") == 0;
+    const bool allow512 = !cap || std::strcmp(cap, "avx512") == 0 || sets_only;
     const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
     __builtin_cpu_init();
     if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
@@ -828,9 +830,8 @@ struct Dispatch {
       const bool bw = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
       count = bw ? count_span_avx512 : count_span_walk;
       count_map = bw ? count_map_avx512 : nullptr;
-      // NDF_CPU_ISA=avx512-sets keeps the set counter (so tests reach it here too).
       if (bw && __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vbmi") &&
-          __builtin_cpu_supports("gfni") && !(cap && std::strcmp(cap, "avx512-sets") == 0)) {
+          __builtin_cpu_supports("gfni") && !sets_only) {
         count_map_slots[0] = count_map_slots_avx512<1>;
         count_map_slots[1] = count_map_slots_avx512<2>;
         slot_windows = slot_windows_avx512;
