@@ -537,7 +537,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) int64_t count_
                          acc[i] = _mm512_add_epi16(
                              acc[i], _mm512_popcnt_epi16(_mm512_and_si512(_mm512_loadu_si512(at + 32 * i), bits)));
                      };
-  const int64_t M = walk_bitalg::count_map_chunks<16>(m, T, skip, g, counter);
+  const int64_t M = g.ends && g.ends->vectors ? walk_bitalg::count_map_hot_chunks(m, T, skip, g, counter)
+                                              : walk_bitalg::count_map_chunks<16>(m, T, skip, g, counter);
   // The log: per 16 slots, the nonzero ones' offsets and counts compressed to
   // the front of a vector and stored whole (the next store overwrites the rest).
   const __m512i rows = _mm512_set1_epi32(int(row));

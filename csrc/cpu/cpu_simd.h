@@ -1,6 +1,8 @@
 // SIMD helpers of the CPU backend, chosen once at run time (cpu_features.cc).
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "ndf/interp.h"
 #include "ndf/tally.h"
@@ -52,6 +54,58 @@ using CountSpanFn = int64_t (*)(const float* top, const float* bot, const AxisWe
                                 int32_t* touched, int64_t* ntouched);
 CountSpanFn count_span();
 
+// Where, in each aligned 16-column chunk of an output row, a source row's x-upsampled
+// values peak: lerp_x is linear over a run of columns that read the same two
+// source columns, so a run's largest value is at one of its two end columns (up
+// to a few units of rounding). Lane k * P + c (P = 8 or 16 >= the chunk count)
+// holds chunk c's k-th end column, its source columns and weights (a chunk with
+// fewer ends repeats its last); one compare per 16 lanes then tells which
+// chunks of a source row may exceed a bound. Empty (vectors 0) where the chunks
+// are more than 16 or their ends more than 64 lanes.
+struct ChunkEnds {
+  std::vector<int32_t> j0, j1;
+  std::vector<float> w0, w1;
+  int vectors = 0;     // of 16 lanes
+  bool fold8 = false;  // P = 8: lanes 8..15 of a vector hold chunks 0..7 again
+  uint32_t chunks = 0;  // bit c: chunk c exists
+};
+inline ChunkEnds chunk_ends(const std::vector<int32_t>& x0, const std::vector<int32_t>& x1,
+                            const std::vector<float>& wx0, const std::vector<float>& wx1) {
+  ChunkEnds e;
+  const int64_t sw = int64_t(x0.size()), nchunks = (sw + 15) / 16;
+  if (nchunks > 16) return e;
+  std::vector<std::vector<int64_t>> ends(static_cast<size_t>(nchunks));
+  size_t most = 0;
+  const auto same = [&](int64_t a, int64_t b) { return x0[size_t(a)] == x0[size_t(b)] && x1[size_t(a)] == x1[size_t(b)]; };
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t a = 16 * c, b = std::min(sw, a + 16);
+    for (int64_t x = a; x < b; ++x)
+      if (x == a || x == b - 1 || !same(x, x - 1) || !same(x, x + 1)) ends[size_t(c)].push_back(x);
+    most = std::max(most, ends[size_t(c)].size());
+  }
+  const int64_t P = nchunks <= 8 ? 8 : 16;
+  if (int64_t(most) * P > 64) return e;
+  e.vectors = int((int64_t(most) * P + 15) / 16);
+  e.fold8 = P == 8;
+  e.chunks = uint32_t((uint64_t(1) << nchunks) - 1);
+  const size_t lanes = size_t(16 * e.vectors);
+  e.j0.assign(lanes, 0);
+  e.j1.assign(lanes, 0);
+  e.w0.assign(lanes, 0.0f);
+  e.w1.assign(lanes, 0.0f);
+  for (size_t l = 0; l < lanes; ++l) {
+    const int64_t c = int64_t(l) % P, k = int64_t(l) / P;
+    if (c >= nchunks) continue;  // masked off by `chunks`
+    const std::vector<int64_t>& ce = ends[size_t(c)];
+    const int64_t x = ce[std::min(size_t(k), ce.size() - 1)];
+    e.j0[l] = x0[size_t(x)];
+    e.j1[l] = x1[size_t(x)];
+    e.w0[l] = wx0[size_t(x)];
+    e.w1[l] = wx1[size_t(x)];
+  }
+  return e;
+}
+
 // The upsampling grid of a tally call, as the fused map counter reads it (views
 // of tally_cpu.cc's Geometry).
 struct CellGeometry {
@@ -63,6 +117,7 @@ struct CellGeometry {
   const int32_t *first_span, *last_span;  // per source column: x-spans touching it (first, last)
   const int32_t *x0, *x1;    // per output column: source columns
   const float *wx0, *wx1;    // and their weights
+  const ChunkEnds* ends;     // for the slot counter's 16-column chunks (may be empty)
 };
 
 // One whole map (mh <= kFusedMaxRows, mw <= 16) through hot rows, x-upsampling,

@@ -43,6 +43,7 @@ struct Geometry {
   // For source column j: the first x-span reading a column >= j and the last
   // reading a column <= j (the x-spans touching hot columns jmin..jmax).
   std::vector<int32_t> first_span, last_span;
+  ChunkEnds ends;
   CellGeometry cells;         // views of the above for the fused counter
   CountMapFn fused = nullptr;  // set when the map fits it (count_map_fused)
   CountMapSlotsFn fused_slots[kMaxSlotGroups] = {};  // set when the map and the CPU fit them
@@ -291,9 +292,10 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
     g.wx0.push_back(w.w0);
     g.wx1.push_back(w.w1);
   }
+  g.ends = chunk_ends(g.x0, g.x1, g.wx0, g.wx1);
   g.cells = CellGeometry{g.mh, g.mw, g.sw, g.yspans.data(), int64_t(g.yspans.size()), g.yw.data(),
                          g.xspans.data(), g.first_span.data(), g.last_span.data(), g.x0.data(), g.x1.data(),
-                         g.wx0.data(), g.wx1.data()};
+                         g.wx0.data(), g.wx1.data(), &g.ends};
   if (g.mw <= 16 && g.mh <= kFusedMaxRows) {
     g.fused = count_map_fused();
     if (g.sh * g.sw < 65536)  // the slot counts are uint16
