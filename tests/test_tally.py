@@ -51,7 +51,8 @@ def assert_counts(t, acts, ds, thr, rule, upsampled=None):
 
 SHAPES = [((7, 7), (112, 112)), ((13, 13), (113, 113)), ((14, 14), (192, 192)), ((28, 28), (112, 112)),
           ((1, 1), (112, 112)), ((3, 5), (40, 57)), ((6, 4), (17, 30)), ((7, 7), (7, 7)),
-          ((20, 9), (100, 45)), ((33, 8), (66, 40))]  # tall maps: fused counter up to 32 rows, span-wise past it
+          ((20, 9), (100, 45)), ((33, 8), (66, 40)),  # tall maps: fused counter up to 32 rows, span-wise past it
+          ((6, 9), (40, 300))]  # over 16 chunks of 16 columns: the slot counter without ChunkEnds
 
 
 @pytest.mark.parametrize("rule", ["paper", "netdissect-lite"])

@@ -7,7 +7,8 @@
 // Per (image, unit): the map's maximum decides whether any pixel can exceed the
 // threshold; if so, only cells whose corners can exceed it are upsampled (with
 // AVX-512, a cell's rows are walked in from each hot edge until none can exceed
-// it), and the mask's pixels are counted
+// it; the slot counter finds a source row's hot 16-column chunks from its
+// values at the chunks' run ends, ChunkEnds), and the mask's pixels are counted
 //  - per label slot (AVX-512 with BITALG/VBMI/GFNI, images with at most 64
 //    (label, plane) pairs): each mask row is ANDed with the image's slot
 //    windows and popcounted, 32 slots per instruction, so the map's counts come
