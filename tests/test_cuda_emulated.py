@@ -101,13 +101,17 @@ def test_tally_non_finite_names_unit():
         Tally(ds, [0.5, 0.5, 0.5], device=EMU).update(acts, np.arange(3))
 
 
-@pytest.mark.parametrize("device", ["cpu", EMU])
-def test_pixel_set_id_outside_the_image_sets_is_named(device):
+@pytest.mark.parametrize("device", ["cpu", "cpu-slots", EMU])
+def test_pixel_set_id_outside_the_image_sets_is_named(device, monkeypatch):
     """A pixel whose set id is not one of its image's sets: the batch position and
-    the id are named, nothing is counted, on the CPU and with the CUDA source
-    (which validates ids without building the CPU's run ends)."""
+    the id are named, nothing is counted, on the CPU (where the slot counter
+    checks the ids while it builds its windows) and with the CUDA source."""
+    if device == "cpu-slots":
+        monkeypatch.setenv("NDF_SLOT_MIN_UNITS", "0")
+        device = "cpu"
     rng = np.random.default_rng(26)
-    ds = random_dataset(rng, n_images=4, empty_images=False)
+    # Few labels: each image has at most 64 (label, plane) slots, as the slot counter needs.
+    ds = random_dataset(rng, n_images=4, empty_images=False, num_labels=12)
     acts = smooth_activations(rng, 4, 3, 7, 7)
     lb = ds.label_batch(np.arange(4))
     nsets = int(lb.set_start[3] - lb.set_start[2])

@@ -598,9 +598,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"), always_inlin
 }
 
 // SlotWindowsFn: per row, each aligned 16-column word's slot bits (slot_bits16).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"))) void slot_windows_avx512(
-    const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots, int G, uint16_t* windows) {
+// The ids' maximum is taken on the way, so the caller need not read them again
+// to check them, and ids past the image's sets gather nothing.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"))) uint16_t slot_windows_avx512(
+    const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots, int64_t nsets, int G,
+    uint16_t* windows) {
   const int64_t nwin = slot_window_count(sw);
+  const __m512i limit = _mm512_set1_epi32(int(std::min<int64_t>(nsets, 65536)));
+  __m512i top = _mm512_setzero_si512();
   for (int64_t r = 0; r < sh; ++r) {
     const uint16_t* ids_row = sets + r * sw;
     uint16_t* out = windows + r * slot_window_row(sw, G);
@@ -608,9 +613,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"))) void slot_w
       const int64_t n = sw - 16 * w < 16 ? sw - 16 * w : 16;
       const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
       const __m512i ids = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, ids_row + 16 * w));
-      for (int g = 0; g < G; ++g) _mm512_storeu_si512(out + (w * G + g) * 32, slot_bits16(live, ids, set_slots, g));
+      top = _mm512_max_epu32(top, ids);
+      const __mmask16 valid = _mm512_mask_cmplt_epu32_mask(live, ids, limit);
+      for (int g = 0; g < G; ++g) _mm512_storeu_si512(out + (w * G + g) * 32, slot_bits16(valid, ids, set_slots, g));
     }
   }
+  return uint16_t(_mm512_reduce_max_epu32(top));
 }
 
 // count_span_avx512's walk for AVX2 (no mask registers): a 16-pixel chunk is two

@@ -139,9 +139,11 @@ constexpr int kMaxSlotGroups = 2;
 inline int64_t slot_window_count(int64_t sw) { return (sw + 15) / 16; }
 // uint16 per output row of an image's windows with G groups of 32 slots.
 inline int64_t slot_window_row(int64_t sw, int64_t G) { return slot_window_count(sw) * 32 * G; }
-// sets: an image's set ids (sh x sw); set_slots[s]: the slot bits of its set s.
-using SlotWindowsFn = void (*)(const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots, int G,
-                               uint16_t* windows);
+// sets: an image's set ids (sh x sw); set_slots[s]: the slot bits of its set s,
+// for s < nsets. Returns the largest set id seen; pixels whose id is nsets or
+// more are read as holding no slot (the caller reports them).
+using SlotWindowsFn = uint16_t (*)(const uint16_t* sets, int64_t sh, int64_t sw, const uint64_t* set_slots,
+                                   int64_t nsets, int G, uint16_t* windows);
 SlotWindowsFn slot_windows();  // null where count_map_slots is
 
 // The adds a map's counts make into I, logged (a block of I's rows at `base`:

@@ -56,49 +56,44 @@ constexpr int kMaxSlots = 32 * kMaxSlotGroups;
 // slots of prepare_labels as bits. An image with more than kMaxSlots slots
 // takes the set counter.
 struct SlotLabels {
-  std::vector<uint64_t> set_slots;    // per global set: its slots' bits
-  std::vector<int32_t> groups;        // per image: groups of 32 slots; 0 = the set counter
-  std::vector<int64_t> window_start;  // per image: where its windows start (B + 1 entries)
-  std::vector<uint16_t> windows;      // SlotWindowsFn's layout, groups[b] groups per window
+  std::vector<int32_t> groups;  // per image: groups of 32 slots; 0 = the set counter
+  // Image b's windows start at b * image_stride (room for kMaxSlotGroups
+  // groups), in SlotWindowsFn's layout with groups[b] groups per window.
+  int64_t image_stride = 0;
+  std::vector<uint16_t> windows;
   // Per image, kMaxSlots entries each: slot s's label and its category bit (0
   // past the image's slots), as count_map_slots reads them.
   std::vector<int32_t> label;
   std::vector<uint32_t> cats;
+  void resize(const LabelBatchView& lb) {
+    const int64_t B = lb.batch;
+    image_stride = lb.seg_h * slot_window_row(lb.seg_w, kMaxSlotGroups);
+    groups.assign(size_t(B), 0);
+    // Grown, never shrunk: a fresh multi-megabyte buffer per batch costs page
+    // faults, and resize() would zero what each batch overwrites anyway.
+    if (windows.size() < size_t(B * image_stride)) windows.resize(size_t(B * image_stride));
+    label.resize(size_t(B * kMaxSlots));
+    cats.resize(size_t(B * kMaxSlots));
+  }
 };
 
-// Each set's slot bits and each image's windows (after prepare_labels).
-// Windows take 4 bytes per pixel per group of 32 slots, so they are sized per
-// image: a batch of 64 112x112 images with at most 32 slots each holds 3.2 MB.
-void prepare_slots(const LabelBatchView& lb, const LabelSpace& space, const BatchLabels& info, int threads,
-                   SlotLabels& out) {
-  const int64_t B = lb.batch, S = lb.set_start[B];
-  out.set_slots.assign(size_t(S), 0);
-  out.groups.assign(size_t(B), 0);
-  out.window_start.assign(size_t(B + 1), 0);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = info.image_slots[size_t(b)];
-    if (n <= kMaxSlots) out.groups[size_t(b)] = n > 32 ? 2 : 1;
-    out.window_start[size_t(b + 1)] =
-        out.window_start[size_t(b)] + lb.seg_h * slot_window_row(lb.seg_w, out.groups[size_t(b)]);
+// Image b's share of SlotLabels, as prepare_labels' pixel pass (so the image's
+// pixels are read once, its set slots still in cache): its windows, built while
+// its set ids are checked. Returns the largest set id.
+uint16_t prepare_image_slots(int64_t b, const LabelBatchView& lb, const LabelSpace& space, const BatchLabels& info,
+                             SlotWindowsFn build, SlotLabels& out) {
+  const int64_t n = info.image_slots[size_t(b)], s0 = lb.set_start[b];
+  const uint16_t* ps = lb.pixel_sets + b * lb.seg_h * lb.seg_w;
+  const int G = n <= 32 ? 1 : n <= kMaxSlots ? 2 : 0;
+  out.groups[size_t(b)] = G;
+  if (G == 0) return max_set_id(ps, lb.seg_h * lb.seg_w);
+  const int32_t* slot_label = info.slot_label.data() + lb.set_label_start[s0];
+  for (int64_t j = 0; j < kMaxSlots; ++j) {
+    out.label[size_t(b * kMaxSlots + j)] = j < n ? slot_label[j] : 0;
+    out.cats[size_t(b * kMaxSlots + j)] = j < n ? category_bit(space.primary_category, slot_label[j]) : 0;
   }
-  out.windows.resize(size_t(out.window_start[size_t(B)]));
-  out.label.assign(size_t(B * kMaxSlots), 0);
-  out.cats.assign(size_t(B * kMaxSlots), 0);
-  const SlotWindowsFn build = slot_windows();
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t b = 0; b < B; ++b) {
-    if (out.groups[size_t(b)] == 0) continue;
-    const int32_t* slot_label = info.slot_label.data() + lb.set_label_start[lb.set_start[b]];
-    for (int64_t j = 0; j < info.image_slots[size_t(b)]; ++j) {
-      out.label[size_t(b * kMaxSlots + j)] = slot_label[j];
-      out.cats[size_t(b * kMaxSlots + j)] = category_bit(space.primary_category, slot_label[j]);
-    }
-    for (int64_t s = lb.set_start[b]; s < lb.set_start[b + 1]; ++s)
-      for (int64_t e = lb.set_label_start[s]; e < lb.set_label_start[s + 1]; ++e)
-        out.set_slots[size_t(s)] |= uint64_t(1) << info.entry_slot[size_t(e)];
-    build(lb.pixel_sets + b * lb.seg_h * lb.seg_w, lb.seg_h, lb.seg_w, out.set_slots.data() + lb.set_start[b],
-          out.groups[size_t(b)], out.windows.data() + out.window_start[size_t(b)]);
-  }
+  return build(ps, lb.seg_h, lb.seg_w, info.set_slots.data() + s0, lb.set_start[b + 1] - s0, G,
+               out.windows.data() + b * out.image_stride);
 }
 
 struct Scratch {
@@ -247,7 +242,7 @@ void count_map(int64_t b, int64_t k, uint32_t row, const float* m, float T, floa
   int64_t M;
   const int G = slots.groups.empty() ? 0 : slots.groups[size_t(b)];
   if (G > 0) {  // per slot: the counts come per label already
-    M = g.fused_slots[G - 1](m, T, Tm, g.cells, slots.windows.data() + slots.window_start[size_t(b)],
+    M = g.fused_slots[G - 1](m, T, Tm, g.cells, slots.windows.data() + b * slots.image_stride,
                              slots.label.data() + b * kMaxSlots, slots.cats.data() + b * kMaxSlots, row, sc.log,
                              &overlap);
   } else {
@@ -306,8 +301,6 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   // (A reference, so OpenMP threads see the caller's buffers, not their own.)
   static thread_local BatchLabels cache;
   BatchLabels& info = cache;
-  TallyStatus st = prepare_labels(lb, space, threads, info);
-  if (st.code != TallyStatus::Ok) return st;
   static thread_local SlotLabels slot_cache;
   SlotLabels& slots = slot_cache;
   slots.groups.clear();  // empty: every image takes the set counter
@@ -317,7 +310,16 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   // 256x13x13). NDF_SLOT_MIN_UNITS moves the bar (tests set 0 to reach it).
   const char* min_units = std::getenv("NDF_SLOT_MIN_UNITS");
   const int64_t slot_min_units = min_units ? std::atoll(min_units) : 1024;
-  if (g.fused_slots[0] && a.units >= slot_min_units) prepare_slots(lb, space, info, threads, slots);
+  TallyStatus st;
+  if (g.fused_slots[0] && a.units >= slot_min_units) {
+    slots.resize(lb);
+    const SlotWindowsFn build = slot_windows();
+    st = prepare_labels(lb, space, threads, info, true,
+                        [&](int64_t b) { return prepare_image_slots(b, lb, space, info, build, slots); });
+  } else {
+    st = prepare_labels(lb, space, threads, info);
+  }
+  if (st.code != TallyStatus::Ok) return st;
 
   const int64_t K = a.units;
   const char* raw = static_cast<const char*>(a.data);

@@ -25,6 +25,9 @@ struct BatchLabels {
   // slot entry_slot[e] of its image.
   std::vector<int32_t> slot_label, entry_slot;
   std::vector<int64_t> image_slots;
+  // CPU only: per global set, the bits of its slots below 64 (the slot
+  // counter's pixel bits; images with more slots take the set counter).
+  std::vector<uint64_t> set_slots;
   int64_t max_sets = 0, max_slots = 0;
   // G of the batch: per label, the pixels of every set holding it (once per
   // plane) + sh*sw per image-level label. Added to the tally's G only once the
@@ -32,86 +35,64 @@ struct BatchLabels {
   std::vector<int64_t> label_pixels;
 };
 
-// OR of the category bits of labels[from, to). A label number outside 1..L-1
-// sets *bad_at to its index (which is left alone otherwise) and is skipped.
-inline uint32_t label_categories(const int32_t* labels, int64_t from, int64_t to, const LabelSpace& space,
-                                 int64_t* bad_at) {
-  uint32_t m = 0;
-  for (int64_t j = from; j < to; ++j) {
-    const int32_t l = labels[j];
-    if (l < 1 || l >= space.num_labels) {
-      *bad_at = j;
-      continue;
-    }
-    m |= category_bit(space.primary_category, l);
-  }
-  return m;
+// The largest of n pixel set ids: the check prepare_labels makes on each image's
+// pixels (one vectorizable pass) unless its caller's pixel pass makes it.
+inline uint16_t max_set_id(const uint16_t* ps, int64_t n) {
+  uint16_t top = 0;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, ps[i]);
+  return top;
 }
 
-// slots: also number each image's labels (the CPU kernel uses them; the CUDA
-// kernels do not).
+// Validates a batch's labels and derives BatchLabels from them, an image per
+// OpenMP iteration, each image's set entries in one loop. `slots`: also number
+// each image's labels (the CPU kernel uses them; the CUDA kernels do not).
+// pixel_pass(b) returns the largest set id among image b's pixels; it is called
+// once image b's labels are numbered, from the OpenMP threads, so a backend can
+// do its own per-pixel work there and read the pixels only once (the CPU
+// kernel's slot windows). Ids it returns at or past the image's set count are
+// reported as BadSetId.
+template <class PixelPass>
 inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& space, int threads,
-                                  BatchLabels& out, bool slots = true) {
-  const int64_t B = lb.batch, sh = lb.seg_h, sw = lb.seg_w, S = lb.set_start[B];
-  out.set_categories.assign(size_t(S), 0);
-  out.image_categories.assign(size_t(B), 0);
-  out.image_level_categories.assign(size_t(B), 0);
+                                  BatchLabels& out, bool slots, const PixelPass& pixel_pass) {
+  const int64_t B = lb.batch, sh = lb.seg_h, sw = lb.seg_w, S = lb.set_start[B], L = space.num_labels;
+  out.set_categories.resize(size_t(S));
+  out.image_categories.resize(size_t(B));
+  out.image_level_categories.resize(size_t(B));
   out.max_sets = out.max_slots = 0;
   const int64_t E = lb.set_label_start[S];
   out.slot_label.resize(slots ? size_t(E) : 0);
   out.entry_slot.resize(slots ? size_t(E) : 0);
+  out.set_slots.resize(slots ? size_t(S) : 0);
   out.image_slots.assign(slots ? size_t(B) : 0, 0);
-  out.label_pixels.assign(size_t(space.num_labels), 0);
+  out.label_pixels.assign(size_t(L), 0);
   std::vector<TallyStatus> status(static_cast<size_t>(B));
 #pragma omp parallel num_threads(threads)
   {
     // label -> its slot of occurrence 0 (-1 between images); per slot, its occurrence
-    std::vector<int32_t> slot_of(slots ? size_t(space.num_labels) : 0, -1), occurrence;
-    std::vector<int64_t> pixels(size_t(space.num_labels), 0);  // this thread's share of G
+    std::vector<int32_t> slot_of(slots ? size_t(L) : 0, -1), occurrence;
+    std::vector<int64_t> pixels(size_t(L), 0);  // this thread's share of G
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t b = 0; b < B; ++b) {
       TallyStatus& st = status[size_t(b)];
-      uint32_t cats = 0, level = 0;
       const int64_t s0 = lb.set_start[b], s1 = lb.set_start[b + 1];
-      int64_t bad_at = -1;
+      int32_t* labels_of = slots ? out.slot_label.data() + lb.set_label_start[s0] : nullptr;
+      if (slots) occurrence.resize(size_t(lb.set_label_start[s1] - lb.set_label_start[s0]));
+      int64_t bad_at = -1;  // the image's last entry outside 1..L-1 (skipped)
+      uint32_t cats = 0;
+      int32_t n = 0;  // the image's slots so far
       for (int64_t s = s0; s < s1; ++s) {
-        const uint32_t m =
-            label_categories(lb.set_labels, lb.set_label_start[s], lb.set_label_start[s + 1], space, &bad_at);
-        out.set_categories[size_t(s)] = m;
-        if (lb.set_pixels[s] > 0) cats |= m;
-      }
-      if (bad_at >= 0) st = TallyStatus{TallyStatus::BadLabel, b, -1, lb.set_labels[bad_at]};
-      bad_at = -1;
-      level = label_categories(lb.image_labels, lb.image_label_start[b], lb.image_label_start[b + 1], space, &bad_at);
-      if (bad_at >= 0 && st.code == TallyStatus::Ok)
-        st = TallyStatus{TallyStatus::BadImageLabel, b, -1, lb.image_labels[bad_at]};
-      out.image_categories[size_t(b)] = cats | level;
-      out.image_level_categories[size_t(b)] = level;
-      const int64_t nsets = s1 - s0;
-      const uint16_t* ps = lb.pixel_sets + b * sh * sw;
-      uint16_t top = 0;  // one vectorizable pass; the offender is looked for only if there is one
-      for (int64_t i = 0; i < sh * sw; ++i) top = std::max(top, ps[i]);
-      if (top >= nsets && st.code == TallyStatus::Ok)
-        for (int64_t y = 0; y < sh && st.code == TallyStatus::Ok; ++y)  // named: the last offender of the first row
-          for (int64_t x = sw - 1; x >= 0; --x)
-            if (ps[y * sw + x] >= nsets) {
-              st = TallyStatus{TallyStatus::BadSetId, b, -1, ps[y * sw + x]};
-              break;
-            }
-      if (st.code != TallyStatus::Ok) continue;
-      for (int64_t s = s0; s < s1; ++s)  // labels were validated above
-        for (int64_t e = lb.set_label_start[s]; e < lb.set_label_start[s + 1]; ++e)
-          pixels[size_t(lb.set_labels[e])] += lb.set_pixels[s];
-      for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j)
-        pixels[size_t(lb.image_labels[j])] += sh * sw;
-      if (!slots) continue;
-      int32_t* labels_of = out.slot_label.data() + lb.set_label_start[s0];
-      occurrence.resize(size_t(lb.set_label_start[s1] - lb.set_label_start[s0]));
-      int32_t n = 0;
-      for (int64_t s = s0; s < s1; ++s) {  // labels were validated above
-        const int64_t f0 = lb.set_label_start[s], f1 = lb.set_label_start[s + 1];
+        const int64_t f0 = lb.set_label_start[s], f1 = lb.set_label_start[s + 1], set_pixels = lb.set_pixels[s];
+        uint32_t m = 0;
+        uint64_t bits = 0;
         for (int64_t e = f0; e < f1; ++e) {
           const int32_t l = lb.set_labels[e];
+          if (l < 1 || l >= L) {
+            bad_at = e;
+            continue;
+          }
+          m |= category_bit(space.primary_category, l);
+          pixels[size_t(l)] += set_pixels;
+          if (!slots) continue;
           int32_t k = 0;  // earlier entries of this set with the same label
           for (int64_t f = f0; f < e; ++f) k += lb.set_labels[f] == l;
           int32_t j = slot_of[size_t(l)];
@@ -128,11 +109,42 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
             if (k == 0) slot_of[size_t(l)] = j;
           }
           out.entry_slot[size_t(e)] = j;
+          bits |= j < 64 ? uint64_t(1) << j : 0;
         }
+        out.set_categories[size_t(s)] = m;
+        if (set_pixels > 0) cats |= m;
+        if (slots) out.set_slots[size_t(s)] = bits;
       }
       for (int32_t j = 0; j < n; ++j)
         if (occurrence[size_t(j)] == 0) slot_of[size_t(labels_of[j])] = -1;
-      out.image_slots[size_t(b)] = n;
+      if (slots) out.image_slots[size_t(b)] = n;
+      if (bad_at >= 0) st = TallyStatus{TallyStatus::BadLabel, b, -1, lb.set_labels[bad_at]};
+      uint32_t level = 0;
+      bad_at = -1;
+      for (int64_t j = lb.image_label_start[b]; j < lb.image_label_start[b + 1]; ++j) {
+        const int32_t l = lb.image_labels[j];
+        if (l < 1 || l >= L) {
+          bad_at = j;
+          continue;
+        }
+        level |= category_bit(space.primary_category, l);
+        pixels[size_t(l)] += sh * sw;
+      }
+      if (bad_at >= 0 && st.code == TallyStatus::Ok)
+        st = TallyStatus{TallyStatus::BadImageLabel, b, -1, lb.image_labels[bad_at]};
+      out.image_categories[size_t(b)] = cats | level;
+      out.image_level_categories[size_t(b)] = level;
+      if (st.code != TallyStatus::Ok) continue;
+      const int64_t nsets = s1 - s0;
+      if (pixel_pass(b) >= nsets) {
+        const uint16_t* ps = lb.pixel_sets + b * sh * sw;
+        for (int64_t y = 0; y < sh && st.code == TallyStatus::Ok; ++y)  // named: the last offender of the first row
+          for (int64_t x = sw - 1; x >= 0; --x)
+            if (ps[y * sw + x] >= nsets) {
+              st = TallyStatus{TallyStatus::BadSetId, b, -1, ps[y * sw + x]};
+              break;
+            }
+      }
     }
 #pragma omp critical(ndf_label_pixels)
     for (size_t l = 0; l < pixels.size(); ++l) out.label_pixels[l] += pixels[l];
@@ -143,6 +155,14 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
     if (slots) out.max_slots = std::max(out.max_slots, out.image_slots[size_t(b)]);
   }
   return TallyStatus{};
+}
+
+// prepare_labels with its own pixel check (max_set_id).
+inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& space, int threads, BatchLabels& out,
+                                  bool slots = true) {
+  return prepare_labels(lb, space, threads, out, slots, [&](int64_t b) {
+    return max_set_id(lb.pixel_sets + b * lb.seg_h * lb.seg_w, lb.seg_h * lb.seg_w);
+  });
 }
 
 // G += the batch's label sizes (prepare_labels), once the batch is counted.
