@@ -92,6 +92,21 @@ def test_merged_shards_equal_one_pass_and_state_round_trip():
     assert a.images == 9
 
 
+@pytest.mark.parametrize("map_shape", [(7, 7), (8, 8)])  # 8x8: whole vectors of 16, no zero-padded tail
+def test_negative_activations_and_thresholds(map_shape):
+    """Units whose maps are all negative and whose thresholds are negative too
+    (pre-ReLU features): a map's skip test may not take 0 for "cannot exceed"."""
+    rng = np.random.default_rng(15)
+    ds = random_dataset(rng, n_images=6)
+    acts = smooth_activations(rng, 6, 5, *map_shape)
+    neg = rng.standard_normal((6, 3) + map_shape).astype(np.float32) - 4
+    acts[:, :3] = np.minimum(neg, -0.5)  # every value of units 0-2 below zero
+    acts[:, 3] -= acts[:, 3].max() / 2  # unit 3 of either sign
+    thr = thresholds_for(acts, q=0.9)
+    assert np.all(thr[:3] < 0) and np.all(acts[:, :3].max(axis=(2, 3)) < 0)
+    assert_counts(run(ds, acts, thr), acts, ds, thr, "paper")
+
+
 @pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
 def test_half_precision_activations(dtype):
     rng = np.random.default_rng(13)

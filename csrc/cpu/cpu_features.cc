@@ -51,7 +51,7 @@ int64_t scan_maps_scalar(const float* base, int64_t count, int64_t stride, int64
   for (int64_t i = 0; i < count; ++i) {
     float m = -INFINITY, a = 0.0f;
     scan_tail(base + i * stride, 0, n, m, a, poison);
-    mx[i] = m;
+    mx[i] = m > 0.0f ? m : 0.0f;  // ScanMapsFn's max(0, maximum)
     amax[i] = a;
   }
   return poison == 0.0f ? -1 : first_bad_map(base, count, stride, n);
@@ -288,44 +288,53 @@ struct MaxEpi32 {  // on the bits as signed integers
     return _mm512_castsi512_ps(_mm512_max_epi32(_mm512_castps_si512(x), _mm512_castps_si512(y)));
   }
 };
+struct MaxEpu32 {  // on the bits as unsigned integers
+  __attribute__((target("avx512f"), always_inline)) __m512 operator()(__m512 x, __m512 y) const {
+    return _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(x), _mm512_castps_si512(y)));
+  }
+};
 
 __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, int64_t count, int64_t stride,
                                                             int64_t n, float* mx, float* amax) {
-  const __m512 ninf = _mm512_set1_ps(-INFINITY);
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf_bits = _mm512_set1_epi32(0x7f800000);
+  const __m512i zero = _mm512_setzero_si512(), abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i pos_inf = _mm512_set1_epi32(0x7f800000), neg_inf = _mm512_set1_epi32(int(0xff800000u));
   const int64_t full = n & ~int64_t(15);
   const __mmask16 tail = __mmask16((1u << (n - full)) - 1u);
-  // The largest magnitude is taken on the values' bits with the sign cleared, as
-  // integers: they order like the magnitudes, and every NaN or infinity is at
-  // least 0x7f800000, so one compare per 16 maps finds them (a float max would
-  // drop NaNs, needing a compare per vector).
+  // Two integer maxima of the values' bits, two instructions per vector: as
+  // signed integers the largest is the largest value when one is >= 0 (any
+  // positive float's bits beat every negative one's), and +infinity or a NaN
+  // of sign + when there is one; as unsigned integers, the negative value of
+  // largest magnitude when there is one, and -infinity or a NaN of sign -
+  // when there is one. Together: max(0, maximum), the largest magnitude, and
+  // every NaN and infinity, one compare each per 16 maps. (The tail's zero
+  // lanes change neither.)
   __mmask16 bad = 0;
-  __m512 m[16], a[16];  // a: magnitude bits
+  __m512i s[16], u[16];
   for (int64_t i0 = 0; i0 < count; i0 += 16) {
     const int64_t group = count - i0 < 16 ? count - i0 : 16;
     for (int64_t g = 0; g < 16; ++g) {
       const float* v = base + (i0 + (g < group ? g : 0)) * stride;  // pad a short group with map i0
-      __m512 mm = ninf;
-      __m512i aa = _mm512_setzero_si512();
+      __m512i ss = zero, uu = zero;
       for (int64_t j = 0; j < full; j += 16) {
-        const __m512 x = _mm512_loadu_ps(v + j);
-        mm = _mm512_max_ps(mm, x);
-        aa = _mm512_max_epi32(aa, _mm512_and_si512(_mm512_castps_si512(x), abs_mask));
+        const __m512i x = _mm512_loadu_si512(v + j);
+        ss = _mm512_max_epi32(ss, x);
+        uu = _mm512_max_epu32(uu, x);
       }
       if (tail) {
-        const __m512 x = _mm512_maskz_loadu_ps(tail, v + full);
-        mm = _mm512_mask_max_ps(mm, tail, mm, x);
-        aa = _mm512_max_epi32(aa, _mm512_and_si512(_mm512_castps_si512(x), abs_mask));
+        const __m512i x = _mm512_maskz_loadu_epi32(tail, v + full);
+        ss = _mm512_max_epi32(ss, x);
+        uu = _mm512_max_epu32(uu, x);
       }
-      m[g] = mm;
-      a[g] = _mm512_castsi512_ps(aa);
+      s[g] = ss;
+      u[g] = uu;
     }
-    const __m512 ms = max16_transposed(m, MaxPs());
-    const __m512i as = _mm512_castps_si512(max16_transposed(a, MaxEpi32()));
+    // (ss starts at 0, so it is max(0, maximum) already.)
+    const __m512i top = _mm512_castps_si512(max16_transposed(reinterpret_cast<const __m512*>(s), MaxEpi32()));
+    const __m512i low = _mm512_castps_si512(max16_transposed(reinterpret_cast<const __m512*>(u), MaxEpu32()));
     const __mmask16 live = __mmask16(group == 16 ? 0xffffu : (1u << group) - 1u);
-    _mm512_mask_storeu_ps(mx + i0, live, ms);
-    _mm512_mask_storeu_ps(amax + i0, live, _mm512_castsi512_ps(as));
-    bad |= _mm512_mask_cmpge_epi32_mask(live, as, inf_bits);
+    _mm512_mask_storeu_epi32(mx + i0, live, top);
+    _mm512_mask_storeu_epi32(amax + i0, live, _mm512_max_epi32(top, _mm512_and_si512(low, abs_mask)));
+    bad |= _mm512_mask_cmpge_epi32_mask(live, top, pos_inf) | _mm512_mask_cmpge_epu32_mask(live, low, neg_inf);
   }
   return bad ? first_bad_map(base, count, stride, n) : -1;
 }
@@ -355,7 +364,7 @@ __attribute__((target("avx2,fma"))) int64_t scan_maps_avx2(const float* base, in
       aa = a8[j] > aa ? a8[j] : aa;
     }
     scan_tail(v, full, n, mm, aa, tail_poison);
-    mx[i] = mm;
+    mx[i] = mm > 0.0f ? mm : 0.0f;  // ScanMapsFn's max(0, maximum)
     amax[i] = aa;
   }
   alignas(32) float p8[8];

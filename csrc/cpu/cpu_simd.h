@@ -18,9 +18,11 @@ AppendGreaterFn append_greater();
 using SelectTopFn = float (*)(float* v, int64_t n, int64_t keep, float* tmp);
 SelectTopFn select_top();
 
-// For `count` maps of n floats at base + i * stride: the maximum (mx[i]) and the
-// largest magnitude (amax[i]) of each. Returns the index of the first map holding
-// a NaN or an infinity, or -1 (then every output is valid).
+// For `count` maps of n floats at base + i * stride: the larger of 0 and the
+// maximum (mx[i]: a bound on what the map's pixels can reach, exact unless
+// every value is negative, which lets AVX-512 find it with integer maxima) and
+// the largest magnitude (amax[i]) of each. Returns the index of the first map
+// holding a NaN or an infinity, or -1 (then every output is valid).
 using ScanMapsFn = int64_t (*)(const float* base, int64_t count, int64_t stride, int64_t n, float* mx,
                                float* amax);
 ScanMapsFn scan_maps();

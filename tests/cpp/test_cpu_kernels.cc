@@ -121,7 +121,7 @@ void test_scan_append() {
   }
 }
 
-// scan_maps: per map its maximum and largest magnitude (negative values of
+// scan_maps: per map max(0, its maximum) and its largest magnitude (values of
 // either sign dominating), for counts that are not a multiple of the 16 maps
 // the AVX-512 scan takes at once; the first map holding a NaN or an infinity
 // is reported, whichever value of which map it is.
@@ -134,6 +134,8 @@ void test_scan_maps() {
       for (int64_t i = 0; i < count; i += 3) maps[size_t(i * stride + n / 2)] = -100.0f - float(i);  // |min| > max
       if (count > 1) std::fill_n(maps.begin() + stride, n, 0.0f);  // an all-zero map (and -0.0 below)
       if (count > 2) maps[size_t(2 * stride)] = -0.0f;
+      if (count > 3)  // an all-negative map: its max(0, maximum) is 0
+        for (int64_t j = 0; j < n; ++j) maps[size_t(3 * stride + j)] = -1.0f - float(j % 5);
       std::vector<float> mx(static_cast<size_t>(count)), amax(static_cast<size_t>(count));
       const int64_t first = scan(maps.data(), count, stride, n, mx.data(), amax.data());
       CHECK(first == -1, "n=%lld count=%lld: finite maps reported bad at %lld", (long long)n, (long long)count,
@@ -144,10 +146,12 @@ void test_scan_maps() {
           top = std::max(top, maps[size_t(i * stride + j)]);
           mag = std::max(mag, std::fabs(maps[size_t(i * stride + j)]));
         }
+        top = std::max(top, 0.0f);  // the contract: max(0, maximum)
         CHECK(mx[size_t(i)] == top && amax[size_t(i)] == mag, "n=%lld map %lld: max %g |max| %g, want %g %g",
               (long long)n, (long long)i, mx[size_t(i)], amax[size_t(i)], top, mag);
       }
-      for (float poison : {std::numeric_limits<float>::quiet_NaN(), INFINITY, -INFINITY}) {
+      for (float poison : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
+                           INFINITY, -INFINITY}) {
         for (int64_t at : {int64_t(0), count / 2, count - 1}) {
           std::vector<float> p = maps;
           p[size_t(at * stride + (at * 7) % n)] = poison;
