@@ -16,10 +16,12 @@ from synthetic import StubDataset, random_dataset, smooth_activations
 @pytest.fixture(autouse=True, params=["any K", "slots from K=0"])
 def slot_counter_bar(request, monkeypatch):
     """Every test twice: with the CPU's own choice (the AVX-512 slot counter only
-    from 1,024 units, so the set counter at these sizes) and with the slot
-    counter wherever the CPU has it."""
+    from 1,024 units, so the set counter at these sizes; the adds into I logged
+    over the whole batch) and with the slot counter wherever the CPU has it and
+    the adds applied as soon as a map's are logged."""
     if request.param == "slots from K=0":
         monkeypatch.setenv("NDF_SLOT_MIN_UNITS", "0")
+        monkeypatch.setenv("NDF_ADD_LOG_LIMIT", "1")
 
 
 def run(ds, acts, thresholds, rule="paper", bs=4, device="cpu", threads=None, order=None, **kw):

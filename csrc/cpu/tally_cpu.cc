@@ -15,8 +15,9 @@
 //    out per label (count_map_slots);
 //  - or per label set (a 16-pixel chunk costs one vector compare per distinct
 //    set in it), then per label of the image (count_map_sets);
-// and the adds into I are logged (AddLog) and applied a unit block at a time in
-// one branch-free loop, whose cache misses overlap. Maps up to 32x16 take one
+// and the adds into I are logged (AddLog) per unit block over the whole batch
+// and applied in one branch-free loop, whose cache misses overlap and whose
+// repeated lines are fetched once. Maps up to 32x16 take one
 // call with their rows in registers (count_map_fused / count_map_slots); others
 // go a cell span at a time (count_map_spans).
 #include <omp.h>
@@ -106,34 +107,68 @@ struct Scratch {
   std::vector<int32_t> cnt, touched;
   std::vector<int64_t> slot_cnt;
   std::vector<int32_t> slot_touched;
-  // The adds into the current block of I's rows (AddLog), applied when a block
-  // is done or the log is full: in one loop without branches, whose cache
-  // misses (a unit's row of I is mostly out of cache) overlap each other.
-  std::vector<uint32_t> log_off, log_val;
-  AddLog log;
-  static constexpr int64_t kLogLimit = 2048;  // apply before a map when more entries than this are held
-  Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots, int64_t max_image_labels)
+  // The adds into I, logged per unit block this thread owns (offsets from the
+  // block's first row) and applied when the block's log is full or the batch is
+  // done, in one loop without branches whose cache misses overlap. A block's
+  // adds over the whole batch then share the lines of its rows they meet (a
+  // unit's labels recur from image to image) in cache, fetched once; applied
+  // after every tile of 4 images, nearly every add fetched its line again.
+  struct BlockLog {
+    std::vector<uint32_t> off, val;
+    int64_t n = 0;
+  };
+  // Kept by each (pool) thread across calls: fresh buffers of this size cost
+  // page faults every batch.
+  std::vector<BlockLog>& logs;
+  AddLog log;             // the block being counted (its BlockLog's arrays)
+  int64_t log_limit = 0;  // apply a block's log before a map when it holds more entries than this
+  Scratch(const Geometry& g, int64_t max_sets, int64_t max_slots, int64_t max_image_labels, int64_t blocks)
       : hrows(size_t(g.mh * g.sw)), hlo(size_t(g.mh)), hhi(size_t(g.mh)),
         rowbits(size_t(g.mh)), cnt(size_t(max_sets), 0), touched(size_t(max_sets) + 1),
-        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots) + 1) {
+        slot_cnt(size_t(max_slots), 0), slot_touched(size_t(max_slots) + 1), logs(log_pool()) {
     // A map logs at most max(max_slots, kMaxSlots) + max_image_labels entries,
     // and the slot counter stores 16 past its last.
     const int64_t per_map = std::max<int64_t>(max_slots, kMaxSlots) + max_image_labels + 16;
-    log_off.resize(size_t(kLogLimit + per_map));
-    log_val.resize(size_t(kLogLimit + per_map));
-    log.off = log_off.data();
-    log.val = log_val.data();
+    // 16,384 entries hold a 128-unit block's adds over a batch of 64 images of
+    // bench_tally's data; at most ~1M entries (8 MB) per thread however many
+    // blocks it owns. NDF_ADD_LOG_LIMIT moves the bar (tests set 1 to apply
+    // the logs between maps).
+    const char* limit = std::getenv("NDF_ADD_LOG_LIMIT");
+    log_limit = limit ? std::max<int64_t>(0, std::atoll(limit))
+                      : std::max<int64_t>(2048, std::min<int64_t>(16384, (int64_t(1) << 20) / std::max<int64_t>(blocks, 1)));
+    if (logs.size() < size_t(blocks)) logs.resize(size_t(blocks));
+    for (BlockLog& l : logs) {
+      l.n = 0;
+      if (l.off.size() < size_t(log_limit + per_map)) {
+        l.off.resize(size_t(log_limit + per_map));
+        l.val.resize(size_t(log_limit + per_map));
+      }
+    }
   }
+  static std::vector<BlockLog>& log_pool() {
+    static thread_local std::vector<BlockLog> pool;
+    return pool;
+  }
+  void begin_block(int64_t j) {
+    BlockLog& l = logs[size_t(j)];
+    log = AddLog{l.off.data(), l.val.data(), l.n};
+  }
+  void end_block(int64_t j) { logs[size_t(j)].n = log.n; }
   void add(uint32_t off, int64_t v) {
     log.off[log.n] = off;
     log.val[log.n++] = uint32_t(v);
   }
+  // The log of the block being counted into the block's rows at `base`.
   void apply(int64_t* base) {
     const int64_t n = log.n;
     const uint32_t* off = log.off;
     const uint32_t* val = log.val;
-    for (int64_t i = 0; i < n; ++i) __builtin_prefetch(base + off[i], 1, 3);
-    for (int64_t i = 0; i < n; ++i) base[off[i]] += val[i];
+    constexpr int64_t kAhead = 32;
+    for (int64_t i = 0; i < std::min(n, kAhead); ++i) __builtin_prefetch(base + off[i], 1, 3);
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) __builtin_prefetch(base + off[i + kAhead], 1, 3);
+      base[off[i]] += val[i];
+    }
     log.n = 0;
   }
 };
@@ -341,7 +376,10 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   const int64_t block = std::min<int64_t>(wanted, std::max<int64_t>(1, int64_t(UINT32_MAX) / L));
 #pragma omp parallel num_threads(threads)
   {
-    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1), max_image_labels);
+    const int64_t nthreads = omp_get_num_threads(), first_block = omp_get_thread_num() * block;
+    const int64_t my_blocks = first_block < K ? (K - first_block + nthreads * block - 1) / (nthreads * block) : 0;
+    Scratch sc(g, std::max<int64_t>(info.max_sets, 1), std::max<int64_t>(info.max_slots, 1), max_image_labels,
+               my_blocks);
     TallyStatus& my_bad = bad[size_t(omp_get_thread_num())];
     const ScanMapsFn scan = scan_maps();
     std::vector<float> conv(D == DType::F32 ? 0 : static_cast<size_t>(kTile * block * a.map_size));
@@ -349,12 +387,13 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
     std::vector<uint32_t> fires(static_cast<size_t>(block));
     const float* base[kTile];
     int64_t stride[kTile];
-    const int64_t nthreads = omp_get_num_threads(), first_block = omp_get_thread_num() * block;
     for (int64_t b0 = 0; b0 < a.batch && my_bad.code == TallyStatus::Ok; b0 += kTile) {
       const int64_t nb = std::min(kTile, a.batch - b0);
       for (int64_t k0 = first_block; k0 < K && my_bad.code == TallyStatus::Ok; k0 += nthreads * block) {
         const int64_t k1 = std::min(K, k0 + block), R = k1 - k0;
         int64_t* const Ib = out.intersection + k0 * L;  // the block's rows of I, where sc.log's offsets point
+        const int64_t my_block = (k0 - first_block) / (nthreads * block);
+        sc.begin_block(my_block);
         for (int64_t t = 0; t < nb; ++t) {
           base[t] = unit_range_as_float<D>(a, b0 + t, k0, k1, conv.data() + t * R * a.map_size, &stride[t]);
           const int64_t first = scan(base[t], R, stride[t], a.map_size, mx.data() + t * R, amax.data() + t * R);
@@ -394,13 +433,18 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
           for (uint32_t f = fires[size_t(i)]; f; f &= f - 1u) {
             const int64_t t = __builtin_ctz(f);
             const size_t j = size_t(t * R + i);
-            if (sc.log.n > Scratch::kLogLimit) sc.apply(Ib);
+            if (sc.log.n > sc.log_limit) sc.apply(Ib);
             count_map(b0 + t, k0 + i, uint32_t(i * L), base[t] + i * stride[t], T, amax[j], lb, space, info, slots,
                       g, cfg.rule, out, sc);
           }
         }
-        sc.apply(Ib);
+        sc.end_block(my_block);
       }
+    }
+    for (int64_t j = 0; j < my_blocks && my_bad.code == TallyStatus::Ok; ++j) {
+      sc.begin_block(j);
+      sc.apply(out.intersection + (first_block + j * nthreads * block) * L);
+      sc.end_block(j);
     }
   }
   for (const TallyStatus& b : bad)
