@@ -163,7 +163,10 @@ struct Scratch {
     const int64_t n = log.n;
     const uint32_t* off = log.off;
     const uint32_t* val = log.val;
-    constexpr int64_t kAhead = 32;
+    // Far enough ahead for L3's latency: an entry's add takes ~1 ns once its
+    // line is in (32 ahead: ~2 ms more per 1,000 images on bench_tally's data
+    // than 64-256 ahead).
+    constexpr int64_t kAhead = 128;
     for (int64_t i = 0; i < std::min(n, kAhead); ++i) __builtin_prefetch(base + off[i], 1, 3);
     for (int64_t i = 0; i < n; ++i) {
       if (i + kAhead < n) __builtin_prefetch(base + off[i + kAhead], 1, 3);
