@@ -294,44 +294,64 @@ struct MaxEpu32 {  // on the bits as unsigned integers
   }
 };
 
+// scan_maps_avx512's pass over 16 maps of n = full + popcount(tail) floats: per
+// map the unsigned (U) and/or signed (S) maximum of the values' bits, from 0.
+template <bool U, bool S>
+__attribute__((target("avx512f"), always_inline)) inline void group_maxima(const float* const* v, int64_t full,
+                                                                         __mmask16 tail, __m512i* u, __m512i* s) {
+  for (int64_t g = 0; g < 16; ++g) {
+    __m512i uu = _mm512_setzero_si512(), ss = _mm512_setzero_si512();
+    for (int64_t j = 0; j < full; j += 16) {
+      const __m512i x = _mm512_loadu_si512(v[g] + j);
+      if (U) uu = _mm512_max_epu32(uu, x);
+      if (S) ss = _mm512_max_epi32(ss, x);
+    }
+    if (tail) {
+      const __m512i x = _mm512_maskz_loadu_epi32(tail, v[g] + full);
+      if (U) uu = _mm512_max_epu32(uu, x);
+      if (S) ss = _mm512_max_epi32(ss, x);
+    }
+    if (U) u[g] = uu;
+    if (S) s[g] = ss;
+  }
+}
+
 __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, int64_t count, int64_t stride,
                                                             int64_t n, float* mx, float* amax) {
-  const __m512i zero = _mm512_setzero_si512(), abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i pos_inf = _mm512_set1_epi32(0x7f800000), neg_inf = _mm512_set1_epi32(int(0xff800000u));
+  const __m512i sign_bit = _mm512_set1_epi32(int(0x80000000u));
   const int64_t full = n & ~int64_t(15);
   const __mmask16 tail = __mmask16((1u << (n - full)) - 1u);
-  // Two integer maxima of the values' bits, two instructions per vector: as
-  // signed integers the largest is the largest value when one is >= 0 (any
-  // positive float's bits beat every negative one's), and +infinity or a NaN
-  // of sign + when there is one; as unsigned integers, the negative value of
-  // largest magnitude when there is one, and -infinity or a NaN of sign -
-  // when there is one. Together: max(0, maximum), the largest magnitude, and
-  // every NaN and infinity, one compare each per 16 maps. (The tail's zero
-  // lanes change neither.)
+  // Integer maxima of the values' bits. As unsigned integers the largest is
+  // the largest value when none is negative (no sign bit), else the negative
+  // value of largest magnitude, and -infinity or a NaN of sign - when there is
+  // one. As signed integers the largest is max(0, maximum) (any positive
+  // float's bits beat every negative one's, and the maxima start at 0), and
+  // +infinity or a NaN of sign + when there is one. Together: max(0, maximum),
+  // the largest magnitude, and every NaN and infinity, one compare each per 16
+  // maps. (The tail's zero lanes change neither.) The signed maximum is needed
+  // only where some value has its sign bit set: rectified activations take one
+  // instruction per vector. Once a group of 16 maps needed it, the next group
+  // takes both maxima in one pass.
   __mmask16 bad = 0;
   __m512i s[16], u[16];
+  bool both = false;
   for (int64_t i0 = 0; i0 < count; i0 += 16) {
     const int64_t group = count - i0 < 16 ? count - i0 : 16;
-    for (int64_t g = 0; g < 16; ++g) {
-      const float* v = base + (i0 + (g < group ? g : 0)) * stride;  // pad a short group with map i0
-      __m512i ss = zero, uu = zero;
-      for (int64_t j = 0; j < full; j += 16) {
-        const __m512i x = _mm512_loadu_si512(v + j);
-        ss = _mm512_max_epi32(ss, x);
-        uu = _mm512_max_epu32(uu, x);
-      }
-      if (tail) {
-        const __m512i x = _mm512_maskz_loadu_epi32(tail, v + full);
-        ss = _mm512_max_epi32(ss, x);
-        uu = _mm512_max_epu32(uu, x);
-      }
-      s[g] = ss;
-      u[g] = uu;
-    }
-    // (ss starts at 0, so it is max(0, maximum) already.)
-    const __m512i top = _mm512_castps_si512(max16_transposed(reinterpret_cast<const __m512*>(s), MaxEpi32()));
-    const __m512i low = _mm512_castps_si512(max16_transposed(reinterpret_cast<const __m512*>(u), MaxEpu32()));
+    const float* v[16];
+    for (int64_t g = 0; g < 16; ++g) v[g] = base + (i0 + (g < group ? g : 0)) * stride;  // pad a short group with map i0
     const __mmask16 live = __mmask16(group == 16 ? 0xffffu : (1u << group) - 1u);
+    if (both) group_maxima<true, true>(v, full, tail, u, s);
+    else group_maxima<true, false>(v, full, tail, u, s);
+    const __m512i low = _mm512_castps_si512(max16_transposed(reinterpret_cast<const __m512*>(u), MaxEpu32()));
+    const bool negative = _mm512_mask_test_epi32_mask(live, low, sign_bit);
+    __m512i top = low;  // no sign bit: the unsigned maximum is the maximum
+    if (negative) {
+      if (!both) group_maxima<false, true>(v, full, tail, u, s);
+      top = _mm512_castps_si512(max16_transposed(reinterpret_cast<const __m512*>(s), MaxEpi32()));
+    }
+    both = negative;
     _mm512_mask_storeu_epi32(mx + i0, live, top);
     _mm512_mask_storeu_epi32(amax + i0, live, _mm512_max_epi32(top, _mm512_and_si512(low, abs_mask)));
     bad |= _mm512_mask_cmpge_epi32_mask(live, top, pos_inf) | _mm512_mask_cmpge_epu32_mask(live, low, neg_inf);

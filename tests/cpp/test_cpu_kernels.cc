@@ -124,18 +124,27 @@ void test_scan_append() {
 // scan_maps: per map max(0, its maximum) and its largest magnitude (values of
 // either sign dominating), for counts that are not a multiple of the 16 maps
 // the AVX-512 scan takes at once; the first map holding a NaN or an infinity
-// is reported, whichever value of which map it is.
+// is reported, whichever value of which map it is. With values of both signs,
+// with none below zero (rectified: AVX-512 then takes one maximum, not two),
+// and with both signs in the first 16 maps only (AVX-512 goes on taking both
+// maxima in the next 16).
 void test_scan_maps() {
   const ndf::ScanMapsFn scan = ndf::scan_maps();
+  // signs 0: both; 1: none below zero; 2: both in maps 0-15, none below zero from map 16
+  for (int signs : {0, 1, 2})
   for (int64_t n : {1, 7, 16, 17, 49, 64, 196}) {
     for (int64_t count : {1, 5, 16, 23, 40}) {
       const int64_t stride = n + 2;
       std::vector<float> maps = random_values(size_t(count * stride), 0);
-      for (int64_t i = 0; i < count; i += 3) maps[size_t(i * stride + n / 2)] = -100.0f - float(i);  // |min| > max
-      if (count > 1) std::fill_n(maps.begin() + stride, n, 0.0f);  // an all-zero map (and -0.0 below)
-      if (count > 2) maps[size_t(2 * stride)] = -0.0f;
-      if (count > 3)  // an all-negative map: its max(0, maximum) is 0
-        for (int64_t j = 0; j < n; ++j) maps[size_t(3 * stride + j)] = -1.0f - float(j % 5);
+      if (signs != 1) {
+        for (int64_t i = 0; i < count; i += 3) maps[size_t(i * stride + n / 2)] = -100.0f - float(i);  // |min| > max
+        if (count > 2) maps[size_t(2 * stride)] = -0.0f;
+        if (count > 3)  // an all-negative map: its max(0, maximum) is 0
+          for (int64_t j = 0; j < n; ++j) maps[size_t(3 * stride + j)] = -1.0f - float(j % 5);
+      }
+      for (size_t i = signs == 1 ? 0 : signs == 2 ? size_t(16 * stride) : maps.size(); i < maps.size(); ++i)
+        maps[i] = std::max(maps[i], 0.0f);
+      if (count > 1) std::fill_n(maps.begin() + stride, n, 0.0f);  // an all-zero map
       std::vector<float> mx(static_cast<size_t>(count)), amax(static_cast<size_t>(count));
       const int64_t first = scan(maps.data(), count, stride, n, mx.data(), amax.data());
       CHECK(first == -1, "n=%lld count=%lld: finite maps reported bad at %lld", (long long)n, (long long)count,
