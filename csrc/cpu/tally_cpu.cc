@@ -129,9 +129,9 @@ struct Scratch {
     // A map logs at most max(max_slots, kMaxSlots) + max_image_labels entries,
     // and the slot counter stores 16 past its last.
     const int64_t per_map = std::max<int64_t>(max_slots, kMaxSlots) + max_image_labels + 16;
-    // 16,384 entries hold a 128-unit block's adds over a batch of 64 images of
-    // bench_tally's data; at most ~1M entries (8 MB) per thread however many
-    // blocks it owns. NDF_ADD_LOG_LIMIT moves the bar (tests set 1 to apply
+    // 16,384 entries hold a 64-unit block's adds over a batch of ~190 images of
+    // bench_tally's data (~5,300 for 64); at most ~1M entries (8 MB) per thread
+    // however many blocks it owns. NDF_ADD_LOG_LIMIT moves the bar (tests set 1 to apply
     // the logs between maps).
     const char* limit = std::getenv("NDF_ADD_LOG_LIMIT");
     log_limit = limit ? std::max<int64_t>(0, std::atoll(limit))
@@ -373,9 +373,11 @@ TallyStatus run_tally(const ActivationView& a, const float* thresholds, const La
   // owning blocks t, t + nthreads, ... in every tile: each row of I and A has
   // one writer, and the threads never wait for each other until the batch ends.
   constexpr int64_t kTile = 4;
+  // Blocks of up to 64 units: on bench_tally's data 64 beat 128 by ~2 ms per
+  // 1,000 images at 2 threads (and 3 at 1), 32, 48 and 256 did no better.
   // (The log's offsets into a block of I are uint32: block * L < 2^32.)
   const int64_t L = space.num_labels;
-  const int64_t wanted = std::max<int64_t>(16, std::min<int64_t>(128, K / (int64_t(std::max(threads, 1)) * 4)));
+  const int64_t wanted = std::max<int64_t>(16, std::min<int64_t>(64, K / (int64_t(std::max(threads, 1)) * 4)));
   const int64_t block = std::min<int64_t>(wanted, std::max<int64_t>(1, int64_t(UINT32_MAX) / L));
 #pragma omp parallel num_threads(threads)
   {
