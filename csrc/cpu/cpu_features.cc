@@ -555,13 +555,13 @@ template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) int64_t count_map_slots_avx512(
     const float* m, float T, float skip, const CellGeometry& g, const uint16_t* windows, const int32_t* slot_label,
     const uint32_t* slot_cats, uint32_t row, AddLog& log, uint32_t* overlap) {
-  const int64_t row_stride = slot_window_row(g.sw, G);
+  const int64_t window_stride = g.yspans[g.n_yspans - 1].end * (32 * G);  // a window's rows: sh of them
   __m512i acc[G];
   for (int i = 0; i < G; ++i) acc[i] = _mm512_setzero_si512();
   auto counter = [&](int64_t r, int64_t px, __mmask16 w)
                      __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg"))) {
                        const __m512i bits = _mm512_set1_epi16(short(w));
-                       const uint16_t* at = windows + r * row_stride + (px >> 4) * (32 * G);
+                       const uint16_t* at = windows + (px >> 4) * window_stride + r * (32 * G);
                        for (int i = 0; i < G; ++i)
                          acc[i] = _mm512_add_epi16(
                              acc[i], _mm512_popcnt_epi16(_mm512_and_si512(_mm512_loadu_si512(at + 32 * i), bits)));
@@ -637,14 +637,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,gfni"))) uint16_t sl
   __m512i top = _mm512_setzero_si512();
   for (int64_t r = 0; r < sh; ++r) {
     const uint16_t* ids_row = sets + r * sw;
-    uint16_t* out = windows + r * slot_window_row(sw, G);
+    uint16_t* out = windows + r * (32 * G);
     for (int64_t w = 0; w < nwin; ++w) {
       const int64_t n = sw - 16 * w < 16 ? sw - 16 * w : 16;
       const __mmask16 live = __mmask16(n == 16 ? 0xffffu : (1u << n) - 1u);
       const __m512i ids = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, ids_row + 16 * w));
       top = _mm512_max_epu32(top, ids);
       const __mmask16 valid = _mm512_mask_cmplt_epu32_mask(live, ids, limit);
-      for (int g = 0; g < G; ++g) _mm512_storeu_si512(out + (w * G + g) * 32, slot_bits16(valid, ids, set_slots, g));
+      for (int g = 0; g < G; ++g)
+        _mm512_storeu_si512(out + (w * sh * G + g) * 32, slot_bits16(valid, ids, set_slots, g));
     }
   }
   return uint16_t(_mm512_reduce_max_epu32(top));

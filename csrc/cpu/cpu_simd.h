@@ -133,10 +133,11 @@ CountMapFn count_map_fused();
 
 // The map counter per "pixel slot": each image numbers the (label, plane) pairs
 // its pixels hold, at most 32 * kMaxSlotGroups, and a pixel's slots are bits.
-// Windows (SlotWindowsFn) hold, per output row r and window c (columns
-// 16c..16c+15), per group of 32 slots: lane j of windows[((r * nwin + c) * G + g) * 32 + j]
-// has bit i set when pixel (r, 16c + i) holds slot 32g + j (nwin =
-// slot_window_count(sw); bits past the row's end are 0).
+// Windows (SlotWindowsFn) hold, per window c (columns 16c..16c+15) and output
+// row r, per group of 32 slots: lane j of windows[((c * sh + r) * G + g) * 32 + j]
+// has bit i set when pixel (r, 16c + i) holds slot 32g + j (bits past the
+// row's end are 0). A window's rows are consecutive, as a walk down a chunk
+// reads them.
 constexpr int kMaxSlotGroups = 2;
 inline int64_t slot_window_count(int64_t sw) { return (sw + 15) / 16; }
 // uint16 per output row of an image's windows with G groups of 32 slots.

@@ -340,7 +340,7 @@ void test_tail_quantile() {
   }
 }
 
-// slot_windows: window c of row r, lane j of group g, bit i = pixel (r, 16c + i)
+// slot_windows: window c, row r, lane j of group g, bit i = pixel (r, 16c + i)
 // holds slot 32g + j, i.e. its set's slot mask has that bit (0 past the row's
 // end and for ids past the image's sets), for row widths around the 16-pixel
 // grid; it returns the largest id. Null where the CPU lacks AVX-512 BITALG
@@ -375,7 +375,7 @@ void test_slot_windows() {
                 if (x < sw && sets[size_t(r * sw + x)] < 6 && (set_slots[sets[size_t(r * sw + x)]] >> (32 * g + j) & 1))
                   want |= uint16_t(1u << i);
               }
-              const uint16_t got = windows[size_t(((r * nwin + c) * G + g) * 32 + j)];
+              const uint16_t got = windows[size_t(((c * sh + r) * G + g) * 32 + j)];
               CHECK(got == want, "G=%d sw=%lld row %lld window %lld slot %d: %04x, want %04x", G, (long long)sw,
                     (long long)r, (long long)c, 32 * g + j, got, want);
             }
