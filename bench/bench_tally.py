@@ -155,10 +155,15 @@ def bench_config(rng, args, K, h, w, n_images, baselines):
     # Steady state: the same Tally for every run, so its 20 MB of counts were
     # faulted in by the warm-up (a fresh I costs ~2-8 ms on this VM, once per
     # dissection: ~0.1 ms per 1,000 images of Broden's 63,305).
+    # The threaded rows first, after 3 warm-up runs: on this VM a core left idle
+    # for seconds (as the 1-thread row and the baselines leave the second) comes
+    # back tens of milliseconds late in the next few runs' parallel regions,
+    # which showed up as 60-90 ms runs in the 2-thread row.
     warm1, warm2 = (Tally(ds, thr, device="cpu", threads=n) for n in (1, args.threads))
-    t1 = measure("tally1", lambda: run_tally(ds, acts, thr, 1, t=warm1), repeats=args.repeats).median
-    t2 = measure("tally2", lambda: run_tally(ds, acts, thr, args.threads, t=warm2), repeats=args.repeats).median
+    t2 = measure("tally2", lambda: run_tally(ds, acts, thr, args.threads, t=warm2), repeats=args.repeats,
+                 warmup=3).median
     t2_fresh = measure("tally2 fresh", lambda: run_tally(ds, acts, thr, args.threads), repeats=args.repeats).median
+    t1 = measure("tally1", lambda: run_tally(ds, acts, thr, 1, t=warm1), repeats=args.repeats).median
 
     def both():
         q = ndf.QuantileSketch(K, total=total, device="cpu", threads=args.threads)
