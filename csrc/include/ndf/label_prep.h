@@ -70,6 +70,7 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
   {
     // label -> its slot of occurrence 0 (-1 between images); per slot, its occurrence
     std::vector<int32_t> slot_of(slots ? size_t(L) : 0, -1), occurrence;
+    std::vector<int64_t> last_set(slots ? size_t(L) : 0, -1);  // label -> the last set it was seen in
     std::vector<int64_t> pixels(size_t(L), 0);  // this thread's share of G
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t b = 0; b < B; ++b) {
@@ -93,8 +94,10 @@ inline TallyStatus prepare_labels(const LabelBatchView& lb, const LabelSpace& sp
           m |= category_bit(space.primary_category, l);
           pixels[size_t(l)] += set_pixels;
           if (!slots) continue;
-          int32_t k = 0;  // earlier entries of this set with the same label
-          for (int64_t f = f0; f < e; ++f) k += lb.set_labels[f] == l;
+          int32_t k = 0;  // earlier entries of this set with the same label (rare: counted only then)
+          if (last_set[size_t(l)] == s)
+            for (int64_t f = f0; f < e; ++f) k += lb.set_labels[f] == l;
+          last_set[size_t(l)] = s;
           int32_t j = slot_of[size_t(l)];
           if (k > 0) {  // a repeat within its set: the slot of (l, k), found by search (rare)
             const int32_t first = j;
