@@ -340,7 +340,8 @@ __attribute__((target("avx512f"))) int64_t scan_maps_avx512(const float* base, i
   for (int64_t i0 = 0; i0 < count; i0 += 16) {
     const int64_t group = count - i0 < 16 ? count - i0 : 16;
     const float* v[16];
-    for (int64_t g = 0; g < 16; ++g) v[g] = base + (i0 + (g < group ? g : 0)) * stride;  // pad a short group with map i0
+    for (int64_t g = 0; g < 16; ++g)  // a short group is padded with map i0
+      v[g] = base + (i0 + (g < group ? g : 0)) * stride;
     const __mmask16 live = __mmask16(group == 16 ? 0xffffu : (1u << group) - 1u);
     if (both) group_maxima<true, true>(v, full, tail, u, s);
     else group_maxima<true, false>(v, full, tail, u, s);

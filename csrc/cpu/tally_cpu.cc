@@ -131,13 +131,14 @@ struct Scratch {
     const int64_t per_map = std::max<int64_t>(max_slots, kMaxSlots) + max_image_labels + 16;
     // 16,384 entries hold a 64-unit block's adds over a batch of ~190 images of
     // bench_tally's data (~5,300 for 64); at most ~1M entries (8 MB) per thread
-    // however many blocks it owns. NDF_ADD_LOG_LIMIT moves the bar (tests set 1 to apply
-    // the logs between maps).
+    // however many blocks it owns. NDF_ADD_LOG_LIMIT moves the bar (tests set 1
+    // to apply the logs between maps).
     const char* limit = std::getenv("NDF_ADD_LOG_LIMIT");
     log_limit = limit ? std::max<int64_t>(0, std::atoll(limit))
-                      : std::max<int64_t>(2048, std::min<int64_t>(16384, (int64_t(1) << 20) / std::max<int64_t>(blocks, 1)));
+                      : std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(blocks, 1), 2048, 16384);
     if (logs.size() < size_t(blocks)) logs.resize(size_t(blocks));
-    for (BlockLog& l : logs) {
+    for (int64_t j = 0; j < blocks; ++j) {
+      BlockLog& l = logs[size_t(j)];
       l.n = 0;
       if (l.off.size() < size_t(log_limit + per_map)) {
         l.off.resize(size_t(log_limit + per_map));
