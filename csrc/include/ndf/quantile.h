@@ -4,6 +4,7 @@
 // lets a vector compare reject almost every value without touching the buffer.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 #include "ndf/common.h"
 
@@ -35,7 +36,7 @@ class TailQuantileCPU {
   // The scan's view of the state (quantile_cpu.cc): a tail of capacity() values
   // per unit, back to back, and counts and bounds per unit.
   int64_t capacity() const { return capacity_; }
-  float* tail(int64_t unit) { return values_.data() + unit * capacity_; }
+  float* tail(int64_t unit) { return values_.get() + unit * capacity_; }
   int64_t* counts() { return count_.data(); }
   const float* bounds() const { return bound_.data(); }
   // Keeps the `keep` largest values of a unit's tail and raises its bound.
@@ -46,7 +47,9 @@ class TailQuantileCPU {
   void reserve_room(int64_t n);
 
   int64_t units_, keep_, capacity_ = 0;
-  std::vector<float> values_;   // units_ * capacity_
+  // units_ * capacity_, left uninitialized (only each unit's first count_ are
+  // read): zeroing a fresh sketch's megabytes cost more than its first batch.
+  std::unique_ptr<float[]> values_;
   std::vector<int64_t> count_;  // values held per unit
   std::vector<float> bound_;    // values <= bound_ can never enter the tail
 };
