@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "ndf/quantile.h"
@@ -59,9 +60,13 @@ constexpr int kMaxSlots = 32 * kMaxSlotGroups;
 struct SlotLabels {
   std::vector<int32_t> groups;  // per image: groups of 32 slots; 0 = the set counter
   // Image b's windows start at b * image_stride (room for kMaxSlotGroups
-  // groups), in SlotWindowsFn's layout with groups[b] groups per window.
+  // groups), in SlotWindowsFn's layout with groups[b] groups per window. Left
+  // uninitialized: each image's windows are written whole before they are read,
+  // and the room of groups an image does not use is never touched (so never
+  // resident).
   int64_t image_stride = 0;
-  std::vector<uint16_t> windows;
+  std::unique_ptr<uint16_t[]> windows;
+  int64_t windows_size = 0;
   // Per image, kMaxSlots entries each: slot s's label and its category bit (0
   // past the image's slots), as count_map_slots reads them.
   std::vector<int32_t> label;
@@ -71,8 +76,11 @@ struct SlotLabels {
     image_stride = lb.seg_h * slot_window_row(lb.seg_w, kMaxSlotGroups);
     groups.assign(size_t(B), 0);
     // Grown, never shrunk: a fresh multi-megabyte buffer per batch costs page
-    // faults, and resize() would zero what each batch overwrites anyway.
-    if (windows.size() < size_t(B * image_stride)) windows.resize(size_t(B * image_stride));
+    // faults.
+    if (windows_size < B * image_stride) {
+      windows.reset(new uint16_t[size_t(B * image_stride)]);
+      windows_size = B * image_stride;
+    }
     label.resize(size_t(B * kMaxSlots));
     cats.resize(size_t(B * kMaxSlots));
   }
@@ -94,7 +102,7 @@ uint16_t prepare_image_slots(int64_t b, const LabelBatchView& lb, const LabelSpa
     out.cats[size_t(b * kMaxSlots + j)] = j < n ? category_bit(space.primary_category, slot_label[j]) : 0;
   }
   return build(ps, lb.seg_h, lb.seg_w, info.set_slots.data() + s0, lb.set_start[b + 1] - s0, G,
-               out.windows.data() + b * out.image_stride);
+               out.windows.get() + b * out.image_stride);
 }
 
 struct Scratch {
@@ -281,7 +289,7 @@ void count_map(int64_t b, int64_t k, uint32_t row, const float* m, float T, floa
   int64_t M;
   const int G = slots.groups.empty() ? 0 : slots.groups[size_t(b)];
   if (G > 0) {  // per slot: the counts come per label already
-    M = g.fused_slots[G - 1](m, T, Tm, g.cells, slots.windows.data() + b * slots.image_stride,
+    M = g.fused_slots[G - 1](m, T, Tm, g.cells, slots.windows.get() + b * slots.image_stride,
                              slots.label.data() + b * kMaxSlots, slots.cats.data() + b * kMaxSlots, row, sc.log,
                              &overlap);
   } else {
