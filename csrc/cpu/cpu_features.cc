@@ -278,11 +278,6 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 max16_transposed
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(order, d);
 }
-struct MaxPs {
-  __attribute__((target("avx512f"), always_inline)) __m512 operator()(__m512 x, __m512 y) const {
-    return _mm512_max_ps(x, y);
-  }
-};
 struct MaxEpi32 {  // on the bits as signed integers
   __attribute__((target("avx512f"), always_inline)) __m512 operator()(__m512 x, __m512 y) const {
     return _mm512_castsi512_ps(_mm512_max_epi32(_mm512_castps_si512(x), _mm512_castps_si512(y)));

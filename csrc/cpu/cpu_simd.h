@@ -140,7 +140,7 @@ CountMapFn count_map_fused();
 // reads them.
 constexpr int kMaxSlotGroups = 2;
 inline int64_t slot_window_count(int64_t sw) { return (sw + 15) / 16; }
-// uint16 per output row of an image's windows with G groups of 32 slots.
+// An image's windows with G groups of 32 slots take sh times this many uint16.
 inline int64_t slot_window_row(int64_t sw, int64_t G) { return slot_window_count(sw) * 32 * G; }
 // sets: an image's set ids (sh x sw); set_slots[s]: the slot bits of its set s,
 // for s < nsets. Returns the largest set id seen; pixels whose id is nsets or
